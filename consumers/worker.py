@@ -1,0 +1,457 @@
+"""The projection worker: a consumer group member that applies the memory topic.
+
+For each batch of one partition the worker decodes and validates every
+message (dead-lettering what it cannot apply), applies the rest to L2, then to
+the ledger, then to L1. Each durable projection moves its own checkpoint
+atomically with its writes, so Kafka's committed offsets are only a
+convenience: on every assignment the worker seeks to the lowest checkpoint of
+its projections and each projection skips what it already holds.
+
+A store that cannot be written blocks the batch: the worker retries with
+capped, jittered backoff, does not commit, says so in its log and metrics,
+and carries on when the fault clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+import tenacity
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from consumers.dlq import send_dead_letter
+from projections.base import Envelope, Outcome
+from projections.l1 import L1Cache
+from projections.l2 import L2Projection, StoredRecord
+from projections.ledger import LedgerProjection
+from schemas.codec import Codec
+from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
+from strata.config import Settings
+from strata.errors import ApplyError, CodecError, StoreError, StrataError
+from strata.kafka import bootstrap_of, end_offsets, start_client
+from strata.keystore import LocalKeystore
+from strata.metrics import WorkerMetrics
+from strata.paths import StorePaths
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: Ciphertext carries a 16-byte GCM tag on top of the plaintext.
+_TAG = 16
+
+
+@dataclass
+class WorkerReport:
+    """What a worker did before it stopped."""
+
+    events_seen: int = 0
+    events_applied: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        elapsed = time.monotonic() - self.started
+        return {
+            "events_seen": self.events_seen,
+            "events_applied": self.events_applied,
+            "dead_letters": self.dead_letters,
+            "batches": self.batches,
+            "seconds": round(elapsed, 3),
+        }
+
+
+class Worker:
+    """Projects the memory topic into L1, L2 and the ledger."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group: str | None = None,
+        keystore: LocalKeystore | None = None,
+        l1: L1Cache | None = None,
+        until_caught_up: bool = False,
+        max_batch: int = 2000,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.group = group or f"{settings.topic_prefix}.workers"
+        self.paths = StorePaths(settings.data_dir)
+        self.keystore = keystore or LocalKeystore(
+            self.paths.keys, settings.master_key_path
+        )
+        self.l1 = (
+            l1
+            if l1 is not None
+            else L1Cache(settings.l1_max_entries, settings.l1_max_bytes)
+        )
+        self.until_caught_up = until_caught_up
+        self.max_batch = max_batch
+        self.metrics = metrics or WorkerMetrics()
+        self.report = WorkerReport()
+        self.codec = Codec()
+        self.blocked: dict[str, str] = {}
+        self._stop = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._owned: set[TopicPartition] = set()
+        self._positions: dict[TopicPartition, int] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dlq: AIOKafkaProducer | None = None
+        self.l2: L2Projection | None = None
+        self.ledger = LedgerProjection(self.paths.ledger)
+        self.assigned = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Ask the worker to finish its batch, commit and leave the group."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop.is_set()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self) -> WorkerReport:
+        """Consume and project until stopped (or caught up, if asked).
+
+        Raises:
+            BrokerError: the broker cannot be reached at start.
+            StoreError: a store cannot be opened at start.
+        """
+        bootstrap = bootstrap_of(self.settings)
+        topic = self.settings.memory_topic
+        targets: dict[int, int] = {}
+        if self.until_caught_up:
+            ends = await end_offsets(self.settings, [topic])
+            targets = {tp.partition: off for tp, off in ends.items()}
+        self.l2 = L2Projection(
+            self.paths.l2_db, synchronous=self.settings.sqlite_synchronous
+        )
+        self._dlq = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
+        )
+        await start_client(self._dlq, bootstrap, 30.0)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_interval_ms=600_000,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self._consumer.subscribe([topic], listener=_Rebalance(self))
+        try:
+            await start_client(self._consumer, bootstrap, 30.0)
+            log.info(
+                "worker.started", group=self.group, topic=topic, bootstrap=bootstrap
+            )
+            await self._loop(targets)
+        finally:
+            await self._shutdown()
+        return self.report
+
+    async def _shutdown(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            # Revoke is not called on stop(): commit what is done first.
+            await self._commit(consumer, set(self._owned))
+            await consumer.stop()
+        if self._dlq is not None:
+            await self._dlq.stop()
+            self._dlq = None
+        if self.l2 is not None:
+            self.l2.close()
+        log.info("worker.stopped", **self.report.to_dict())
+
+    async def _loop(self, targets: dict[int, int]) -> None:
+        assert self._consumer is not None
+        while not self.stopping:
+            if targets and self._caught_up(targets):
+                log.info("worker.caught_up", partitions=len(targets))
+                return
+            stop_wait = asyncio.ensure_future(self._stop.wait())
+            fetch = asyncio.ensure_future(
+                self._consumer.getmany(timeout_ms=500, max_records=self.max_batch)
+            )
+            done, _ = await asyncio.wait(
+                {stop_wait, fetch}, return_when=asyncio.FIRST_COMPLETED
+            )
+            stop_wait.cancel()
+            if fetch not in done:
+                fetch.cancel()
+                return
+            batches = fetch.result()
+            if not batches:
+                continue
+            async with self._lock:
+                for tp, messages in batches.items():
+                    if tp in self._owned and messages:
+                        await self._process(tp, messages)
+            await self._commit(self._consumer, set(batches) & self._owned)
+
+    def _caught_up(self, targets: dict[int, int]) -> bool:
+        assert self.l2 is not None
+        return all(self._checkpoint(p) >= end for p, end in targets.items())
+
+    def _checkpoint(self, partition: int) -> int:
+        assert self.l2 is not None
+        return min(self.l2.checkpoint(partition), self.ledger.checkpoint(partition))
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, tps: set[TopicPartition]
+    ) -> None:
+        offsets = {tp: self._positions[tp] for tp in tps if tp in self._positions}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The projections' own checkpoints are the truth; a lost commit only
+            # means the next owner seeks from those.
+            log.warning(
+                "worker.commit_failed",
+                error=str(exc),
+                consequence="next owner resumes from the projection checkpoints",
+            )
+
+    # -- one batch -----------------------------------------------------------
+
+    async def _process(
+        self, tp: TopicPartition, messages: Sequence[ConsumerRecord]
+    ) -> None:
+        started = time.perf_counter()
+        partition = tp.partition
+        envelopes = await self._decode(tp, messages)
+        next_offset = messages[-1].offset + 1
+        assert self.l2 is not None
+        l2 = self.l2
+
+        async def apply_l2() -> list[Outcome | None]:
+            return l2.apply(partition, envelopes, next_offset)
+
+        async def append_ledger() -> int:
+            return await self.ledger.append(partition, envelopes, outcomes, next_offset)
+
+        outcomes = await self._retrying("l2", apply_l2)
+        appended = await self._retrying("ledger", append_ledger)
+        self._update_l1(envelopes, outcomes)
+        self._positions[tp] = next_offset
+
+        applied = sum(1 for o in outcomes if o is not None)
+        self.report.events_seen += len(messages)
+        self.report.events_applied += applied
+        self.report.batches += 1
+        self.metrics.events_applied.labels("l2", str(partition)).inc(applied)
+        self.metrics.events_applied.labels("ledger", str(partition)).inc(appended)
+        self.metrics.batch_latency.observe(time.perf_counter() - started)
+        log.debug(
+            "worker.batch_applied",
+            topic=tp.topic,
+            partition=partition,
+            first_offset=messages[0].offset,
+            next_offset=next_offset,
+            applied=applied,
+        )
+
+    async def _decode(
+        self, tp: TopicPartition, messages: Sequence[ConsumerRecord]
+    ) -> list[Envelope]:
+        envelopes: list[Envelope] = []
+        for msg in messages:
+            try:
+                value = msg.value
+                if value is None:
+                    raise CodecError("message has no value (a tombstone)")
+                event = self.codec.decode(value)
+                self._validate(event, msg.key)
+            except (CodecError, ApplyError) as exc:
+                await self._dead_letter(tp, msg, exc)
+                continue
+            envelopes.append(
+                Envelope(
+                    tp.partition,
+                    msg.offset,
+                    event,
+                    hashlib.sha256(value).digest(),
+                    len(value),
+                )
+            )
+        return envelopes
+
+    def _validate(self, event: Any, key: bytes | None) -> None:
+        """Refuse what decodes but cannot be applied; the reason names the field."""
+        if not event.tenant:
+            raise ApplyError("field tenant is empty")
+        if isinstance(event, TenantErased):
+            return
+        if not event.key:
+            raise ApplyError("field key is empty")
+        if key is not None and key != event.message_key:
+            raise ApplyError(
+                f"message key {key[:200]!r} does not match the event's tenant/key"
+            )
+        if isinstance(event, MemoryWritten) or hasattr(event, "ciphertext"):
+            limit = self.settings.max_payload_bytes + _TAG
+            if len(event.ciphertext) > limit:
+                raise ApplyError(
+                    f"field ciphertext is {len(event.ciphertext)} bytes; the limit is {limit}"
+                )
+            if not self.keystore.is_erased(
+                event.tenant
+            ) and not self.keystore.has_version(
+                event.tenant, event.key_id, event.key_version
+            ):
+                raise ApplyError(
+                    f"fields key_id/key_version: tenant {event.tenant!r} has no key "
+                    f"{event.key_id} v{event.key_version}"
+                )
+
+    async def _dead_letter(
+        self, tp: TopicPartition, msg: ConsumerRecord, error: StrataError
+    ) -> None:
+        assert self._dlq is not None
+        await send_dead_letter(
+            self._dlq,
+            self.settings,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            headers=list(msg.headers or ()),
+            error=error,
+        )
+        self.report.dead_letters += 1
+        self.metrics.dead_letters.labels(type(error).__name__).inc()
+        log.warning(
+            "worker.dead_lettered",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=msg.offset,
+            error_class=type(error).__name__,
+            error=str(error),
+        )
+
+    def _update_l1(
+        self, envelopes: Sequence[Envelope], outcomes: Sequence[Outcome | None]
+    ) -> None:
+        for env, outcome in zip(envelopes, outcomes, strict=True):
+            event = env.event
+            if outcome is None or outcome.action == "rejected":
+                continue
+            if isinstance(event, TenantErased):
+                self.l1.discard_tenant(event.tenant)
+            elif isinstance(event, MemoryDeleted) or outcome.action in {
+                "reencrypted",
+                "tiered",
+            }:
+                self.l1.discard(event.tenant, event.key)
+            elif isinstance(event, MemoryWritten):
+                self.l1.put(
+                    StoredRecord(
+                        tenant=event.tenant,
+                        key=event.key,
+                        version=outcome.version,
+                        deleted=False,
+                        cls=event.cls,
+                        updated_ms=event.time_ms,
+                        partition=env.partition,
+                        offset=env.offset,
+                        tier="l2",
+                        event_id=event.event_id,
+                        agent=event.agent,
+                        key_id=event.key_id,
+                        key_version=event.key_version,
+                        nonce=event.nonce,
+                        ciphertext=event.ciphertext,
+                        content_hash=event.content_hash,
+                        metadata=event.metadata,
+                    )
+                )
+
+    async def _retrying(
+        self, projection: str, attempt: Callable[[], Coroutine[Any, Any, T]]
+    ) -> T:
+        """Run a store write until it succeeds or the worker is asked to stop."""
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            self.blocked[projection] = str(error)
+            self.metrics.blocked.labels(projection).set(1)
+            self.metrics.store_retries.labels(projection).inc()
+            log.warning(
+                "worker.store_blocked",
+                projection=projection,
+                attempt=state.attempt_number,
+                error=str(error),
+                consequence="no commits until the store can be written again",
+            )
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(StoreError),
+            wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
+            stop=lambda _state: self.stopping,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        result: T = await retrying(attempt)
+        if projection in self.blocked:
+            del self.blocked[projection]
+            self.metrics.blocked.labels(projection).set(0)
+            log.info("worker.store_unblocked", projection=projection)
+        return result
+
+    # -- rebalances ----------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            self._owned -= revoked
+            if self._consumer is not None:
+                await self._commit(self._consumer, revoked)
+        log.info(
+            "worker.partitions_revoked",
+            partitions=sorted(tp.partition for tp in revoked),
+        )
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self._consumer is not None
+        assert self.l2 is not None
+        for tp in assigned:
+            start = self._checkpoint(tp.partition)
+            self._consumer.seek(tp, start)
+            self._positions[tp] = start
+            log.info(
+                "worker.partition_assigned",
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=start,
+            )
+        self._owned |= assigned
+        self.assigned.set()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._worker._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._worker._on_assigned(set(assigned))

@@ -1,0 +1,227 @@
+"""Publishing memory events: encrypted, idempotent, keyed by ``tenant/key``.
+
+The payload is sealed before it leaves this process; only ciphertext,
+metadata and the content hash reach Kafka. Every send waits for ``acks=all``
+from an idempotent producer, and returns the (partition, offset) the event
+landed at, a token a reader can wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from types import TracebackType
+from typing import Self
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from projections.reader import WriteToken
+from schemas.codec import Codec
+from schemas.events import Event, MemoryDeleted, MemoryWritten
+from strata.config import Settings
+from strata.crypto import seal
+from strata.errors import UsageError
+from strata.kafka import bootstrap_of, message_limit, start_client
+from strata.keystore import LocalKeystore
+from strata.validation import check_agent, check_class, check_key, check_tenant
+
+log = structlog.get_logger(__name__)
+
+
+def now_ms() -> int:
+    """The current UTC time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def producer_options(settings: Settings) -> dict[str, object]:
+    """Settings every Strata producer uses (idempotence forces ``acks=all``)."""
+    return {
+        "bootstrap_servers": bootstrap_of(settings),
+        "enable_idempotence": True,
+        "acks": "all",
+        "linger_ms": 5,
+        "max_batch_size": 1024 * 1024,
+        "max_request_size": message_limit(settings),
+        "request_timeout_ms": 30_000,
+    }
+
+
+class MemoryProducer:
+    """Publishes memory events for agents.
+
+    Use as an async context manager::
+
+        async with MemoryProducer(settings, keystore) as producer:
+            token = await producer.write("acme", "agent-7/likes", "tea", cls="chat")
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        keystore: LocalKeystore,
+        *,
+        codec: Codec | None = None,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.keystore = keystore
+        self.codec = codec or Codec()
+        self._start_timeout_s = start_timeout_s
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Connect to the broker.
+
+        Raises:
+            BrokerError: the broker cannot be reached.
+        """
+        options = producer_options(self.settings)
+        self._producer = AIOKafkaProducer(**options)
+        await start_client(
+            self._producer, str(options["bootstrap_servers"]), self._start_timeout_s
+        )
+
+    async def stop(self) -> None:
+        """Flush what is pending and disconnect."""
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def seal_write(
+        self,
+        tenant: str,
+        key: str,
+        payload: bytes | str,
+        *,
+        cls: str = "chat",
+        agent: str = "cli",
+        expected_version: int | None = None,
+        metadata: dict[str, str] | None = None,
+        event_id: str | None = None,
+        time_ms: int | None = None,
+    ) -> MemoryWritten:
+        """Validate and encrypt a write into its event, without sending it.
+
+        Raises:
+            UsageError: a name or the payload size is not acceptable.
+            ErasedError: the tenant was erased.
+        """
+        check_tenant(tenant)
+        check_key(key)
+        check_class(cls)
+        check_agent(agent)
+        data = payload.encode() if isinstance(payload, str) else payload
+        if len(data) > self.settings.max_payload_bytes:
+            raise UsageError(
+                f"payload of {tenant}/{key} is {len(data)} bytes; the limit is "
+                f"{self.settings.max_payload_bytes} (STRATA_MAX_PAYLOAD_BYTES)"
+            )
+        if expected_version is not None and expected_version < 0:
+            raise UsageError(f"expected version {expected_version} is negative")
+        event_id = event_id or uuid.uuid4().hex
+        sealed = seal(
+            self.keystore.primary(tenant),
+            data,
+            tenant=tenant,
+            key=key,
+            event_id=event_id,
+        )
+        return MemoryWritten(
+            event_id=event_id,
+            tenant=tenant,
+            key=key,
+            cls=cls,
+            agent=agent,
+            time_ms=time_ms if time_ms is not None else now_ms(),
+            key_id=sealed.key_id,
+            key_version=sealed.key_version,
+            nonce=sealed.nonce,
+            ciphertext=sealed.ciphertext,
+            content_hash=sealed.content_hash,
+            expected_version=expected_version,
+            metadata=dict(metadata or {}),
+        )
+
+    async def write(
+        self,
+        tenant: str,
+        key: str,
+        payload: bytes | str,
+        *,
+        cls: str = "chat",
+        agent: str = "cli",
+        expected_version: int | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> WriteToken:
+        """Encrypt and publish a write; return where it landed once acknowledged.
+
+        Raises:
+            UsageError: a name or the payload size is not acceptable.
+            ErasedError: the tenant was erased.
+            KafkaError: the broker did not acknowledge the write.
+        """
+        event = self.seal_write(
+            tenant,
+            key,
+            payload,
+            cls=cls,
+            agent=agent,
+            expected_version=expected_version,
+            metadata=metadata,
+        )
+        return await (await self.publish(event))
+
+    async def delete(
+        self,
+        tenant: str,
+        key: str,
+        *,
+        agent: str = "cli",
+        expected_version: int | None = None,
+    ) -> WriteToken:
+        """Publish a delete; return where it landed once acknowledged."""
+        check_tenant(tenant)
+        check_key(key)
+        check_agent(agent)
+        event = MemoryDeleted(
+            event_id=uuid.uuid4().hex,
+            tenant=tenant,
+            key=key,
+            agent=agent,
+            time_ms=now_ms(),
+            expected_version=expected_version,
+        )
+        return await (await self.publish(event))
+
+    async def publish(self, event: Event) -> asyncio.Future[WriteToken]:
+        """Queue one event; the returned future resolves to its token on ack.
+
+        Awaiting this coroutine only waits for room in the send buffer, so a
+        caller can keep many sends in flight.
+        """
+        if self._producer is None:
+            raise RuntimeError("MemoryProducer.start() was not awaited")
+        value = self.codec.encode(event)
+        delivery = await self._producer.send(
+            self.settings.memory_topic, value=value, key=event.message_key
+        )
+        return asyncio.ensure_future(_token(delivery))
+
+
+async def _token(delivery: asyncio.Future[object]) -> WriteToken:
+    metadata = await delivery
+    return WriteToken(metadata.partition, metadata.offset)  # type: ignore[attr-defined]

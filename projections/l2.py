@@ -1,0 +1,587 @@
+"""L2, the warm tier: durable current state and full history in SQLite.
+
+Each batch runs in one ``BEGIN IMMEDIATE`` transaction that also moves the
+partition's checkpoint, so a batch is applied entirely or not at all, and an
+offset below the checkpoint is never applied twice, even by a worker that has
+lost its partition and does not know it yet: SQLite serialises the writers and
+the checkpoint is read inside the transaction.
+
+Conflicts are decided here, from the state the log has built: a write with an
+expected version applies only when the key is at that version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from projections.base import Envelope, Outcome
+from schemas.events import (
+    MemoryDeleted,
+    MemoryReencrypted,
+    MemoryTiered,
+    MemoryWritten,
+    TenantErased,
+)
+from strata.errors import StoreError
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    partition   INTEGER PRIMARY KEY,
+    next_offset INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    id               INTEGER PRIMARY KEY,
+    tenant           TEXT NOT NULL,
+    key              TEXT NOT NULL,
+    version          INTEGER NOT NULL,
+    action           TEXT NOT NULL,
+    reason           TEXT NOT NULL DEFAULT '',
+    event_id         TEXT NOT NULL,
+    agent            TEXT NOT NULL DEFAULT '',
+    cls              TEXT NOT NULL DEFAULT '',
+    time_ms          INTEGER NOT NULL,
+    partition        INTEGER NOT NULL,
+    offset           INTEGER NOT NULL,
+    expected_version INTEGER,
+    key_id           TEXT,
+    key_version      INTEGER,
+    nonce            BLOB,
+    ciphertext       BLOB,
+    content_hash     BLOB,
+    metadata         TEXT NOT NULL DEFAULT '{}'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS history_position ON history (partition, offset);
+CREATE INDEX IF NOT EXISTS history_key ON history (tenant, key, version);
+CREATE TABLE IF NOT EXISTS records (
+    tenant     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    deleted    INTEGER NOT NULL,
+    cls        TEXT NOT NULL,
+    payload_id INTEGER,
+    updated_ms INTEGER NOT NULL,
+    partition  INTEGER NOT NULL,
+    offset     INTEGER NOT NULL,
+    tier       TEXT NOT NULL DEFAULT 'l2',
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_cls ON records (tenant, cls);
+CREATE TABLE IF NOT EXISTS erased (
+    tenant   TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    time_ms  INTEGER NOT NULL
+);
+"""
+
+_RECORD_COLUMNS = (
+    "r.tenant, r.key, r.version, r.deleted, r.cls, r.updated_ms, r.partition, "
+    "r.offset, r.tier, h.event_id, h.agent, h.key_id, h.key_version, h.nonce, "
+    "h.ciphertext, h.content_hash, h.metadata"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One version of a record as L2 holds it: ciphertext, never plaintext."""
+
+    tenant: str
+    key: str
+    version: int
+    deleted: bool
+    cls: str
+    updated_ms: int
+    partition: int
+    offset: int
+    tier: str
+    event_id: str
+    agent: str
+    key_id: str | None
+    key_version: int | None
+    nonce: bytes | None
+    ciphertext: bytes | None
+    content_hash: bytes | None
+    metadata: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        """Bytes this record holds, roughly: what L1 counts against its bound."""
+        return len(self.ciphertext or b"") + len(self.key) + len(self.tenant) + 160
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One event's effect on a key, accepted or rejected."""
+
+    version: int
+    action: str
+    reason: str
+    event_id: str
+    agent: str
+    time_ms: int
+    partition: int
+    offset: int
+    expected_version: int | None
+
+
+def _record(row: Sequence[Any]) -> StoredRecord:
+    return StoredRecord(
+        tenant=row[0],
+        key=row[1],
+        version=row[2],
+        deleted=bool(row[3]),
+        cls=row[4],
+        updated_ms=row[5],
+        partition=row[6],
+        offset=row[7],
+        tier=row[8],
+        event_id=row[9],
+        agent=row[10],
+        key_id=row[11],
+        key_version=row[12],
+        nonce=row[13],
+        ciphertext=row[14],
+        content_hash=row[15],
+        metadata=json.loads(row[16]) if row[16] else {},
+    )
+
+
+def connect(
+    path: Path, *, synchronous: str = "FULL", readonly: bool = False
+) -> sqlite3.Connection:
+    """Open the L2 database with the settings every connection needs.
+
+    Raises:
+        StoreError: the file cannot be opened or created.
+    """
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.executescript(SCHEMA)
+    except sqlite3.Error as exc:
+        raise StoreError(f"L2 database {path}: {exc}") from exc
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class L2Projection:
+    """Projects events into the SQLite warm tier, exactly once per offset."""
+
+    name = "l2"
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._conn = connect(path, synchronous=synchronous)
+        self._erased: set[str] = set()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._conn.close()
+
+    def checkpoint(self, partition: int) -> int:
+        """The next offset of ``partition`` this projection has not applied."""
+        row = self._conn.execute(
+            "SELECT next_offset FROM checkpoints WHERE partition = ?", (partition,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def checkpoints(self) -> dict[int, int]:
+        """Every partition's checkpoint."""
+        return dict(
+            self._conn.execute("SELECT partition, next_offset FROM checkpoints")
+        )
+
+    def apply(
+        self, partition: int, envelopes: Sequence[Envelope], next_offset: int
+    ) -> list[Outcome | None]:
+        """Apply a batch of one partition and move its checkpoint to ``next_offset``.
+
+        Returns one outcome per envelope. Offsets below the checkpoint are not
+        applied again; their outcome is read back from history (None when the
+        offset never made history, as when it went to the dead-letter topic).
+
+        Raises:
+            StoreError: the database cannot be written; nothing was applied.
+        """
+        with self._transaction():
+            done = self.checkpoint(partition)
+            self._erased = {
+                r[0] for r in self._conn.execute("SELECT tenant FROM erased")
+            }
+            outcomes: list[Outcome | None] = []
+            for env in envelopes:
+                if env.offset < done:
+                    outcomes.append(self._recorded_outcome(partition, env.offset))
+                else:
+                    outcomes.append(self._apply_one(env))
+            if next_offset > done:
+                self._conn.execute(
+                    "INSERT INTO checkpoints (partition, next_offset) VALUES (?, ?) "
+                    "ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
+                    (partition, next_offset),
+                )
+        return outcomes
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"L2 {self.path}: cannot begin a write: {exc}") from exc
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._rollback()
+            raise StoreError(f"L2 {self.path}: write failed: {exc}") from exc
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            # The transaction may already be gone (SQLite rolls back on some I/O
+            # errors by itself); the original error is what the caller needs.
+            log.debug("l2.rollback_failed", error=str(exc))
+
+    def _recorded_outcome(self, partition: int, offset: int) -> Outcome | None:
+        row = self._conn.execute(
+            "SELECT action, version, reason FROM history WHERE partition = ? AND offset = ?",
+            (partition, offset),
+        ).fetchone()
+        return Outcome(row[0], row[1], row[2]) if row else None
+
+    def _apply_one(self, env: Envelope) -> Outcome:
+        event = env.event
+        if isinstance(event, TenantErased):
+            return self._erase(env, event)
+        if event.tenant in self._erased:
+            return self._history(env, 0, "rejected", "tenant erased")
+        if isinstance(event, MemoryWritten | MemoryDeleted):
+            return self._write_or_delete(env, event)
+        if isinstance(event, MemoryReencrypted):
+            return self._reencrypt(env, event)
+        return self._tier(env, event)
+
+    def _current(self, tenant: str, key: str) -> tuple[int, bool, str] | None:
+        row = self._conn.execute(
+            "SELECT version, deleted, tier FROM records WHERE tenant = ? AND key = ?",
+            (tenant, key),
+        ).fetchone()
+        return (int(row[0]), bool(row[1]), str(row[2])) if row else None
+
+    def _write_or_delete(
+        self, env: Envelope, event: MemoryWritten | MemoryDeleted
+    ) -> Outcome:
+        current = self._current(event.tenant, event.key)
+        version = current[0] if current else 0
+        live = current is not None and not current[1]
+        expected = event.expected_version
+        if expected is not None and expected != version:
+            reason = f"expected version {expected}, key is at version {version}"
+            return self._history(env, version, "rejected", reason)
+        if isinstance(event, MemoryDeleted) and not live:
+            return self._history(env, version, "rejected", "key does not exist")
+
+        deleting = isinstance(event, MemoryDeleted)
+        action = "deleted" if deleting else "written"
+        outcome = self._history(env, version + 1, action, "")
+        payload_id = None if deleting else self._last_history_id
+        cls = event.cls if isinstance(event, MemoryWritten) else ""
+        self._conn.execute(
+            "INSERT INTO records (tenant, key, version, deleted, cls, payload_id, "
+            "updated_ms, partition, offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant, key) DO UPDATE SET version = excluded.version, "
+            "deleted = excluded.deleted, "
+            "cls = CASE WHEN excluded.deleted THEN records.cls ELSE excluded.cls END, "
+            "payload_id = excluded.payload_id, updated_ms = excluded.updated_ms, "
+            "partition = excluded.partition, offset = excluded.offset, tier = 'l2'",
+            (
+                event.tenant,
+                event.key,
+                version + 1,
+                int(deleting),
+                cls,
+                payload_id,
+                event.time_ms,
+                env.partition,
+                env.offset,
+            ),
+        )
+        return outcome
+
+    def _reencrypt(self, env: Envelope, event: MemoryReencrypted) -> Outcome:
+        updated = self._conn.execute(
+            "UPDATE history SET key_id = ?, key_version = ?, nonce = ?, ciphertext = ?, "
+            "content_hash = ? WHERE tenant = ? AND key = ? AND event_id = ? "
+            "AND action = 'written'",
+            (
+                event.key_id,
+                event.key_version,
+                event.nonce,
+                event.ciphertext,
+                event.content_hash,
+                event.tenant,
+                event.key,
+                event.source_event_id,
+            ),
+        ).rowcount
+        if not updated:
+            return self._history(
+                env, event.version, "rejected", "no such version to re-encrypt"
+            )
+        return self._history(env, event.version, "reencrypted", "")
+
+    def _tier(self, env: Envelope, event: MemoryTiered) -> Outcome:
+        current = self._current(event.tenant, event.key)
+        if current is None or current[0] != event.version:
+            at = current[0] if current else 0
+            reason = f"tier move of version {event.version}, key is at version {at}"
+            return self._history(env, at, "rejected", reason)
+        self._conn.execute(
+            "UPDATE records SET tier = ? WHERE tenant = ? AND key = ?",
+            (event.to_tier, event.tenant, event.key),
+        )
+        return self._history(env, event.version, "tiered", event.reason)
+
+    def _erase(self, env: Envelope, event: TenantErased) -> Outcome:
+        self._conn.execute("DELETE FROM records WHERE tenant = ?", (event.tenant,))
+        self._conn.execute("DELETE FROM history WHERE tenant = ?", (event.tenant,))
+        self._conn.execute(
+            "INSERT OR IGNORE INTO erased (tenant, event_id, time_ms) VALUES (?, ?, ?)",
+            (event.tenant, event.event_id, event.time_ms),
+        )
+        self._erased.add(event.tenant)
+        return self._history(env, 0, "erased", "")
+
+    _last_history_id: int | None = None
+
+    def _history(
+        self, env: Envelope, version: int, action: str, reason: str
+    ) -> Outcome:
+        event = env.event
+        payload = isinstance(event, MemoryWritten) and action == "written"
+        written = event if isinstance(event, MemoryWritten) else None
+        cur = self._conn.execute(
+            "INSERT INTO history (tenant, key, version, action, reason, event_id, agent, "
+            "cls, time_ms, partition, offset, expected_version, key_id, key_version, "
+            "nonce, ciphertext, content_hash, metadata) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.tenant,
+                getattr(event, "key", ""),
+                version,
+                action,
+                reason,
+                event.event_id,
+                getattr(event, "agent", ""),
+                written.cls if written else "",
+                event.time_ms,
+                env.partition,
+                env.offset,
+                getattr(event, "expected_version", None),
+                written.key_id if payload and written else None,
+                written.key_version if payload and written else None,
+                written.nonce if payload and written else None,
+                written.ciphertext if payload and written else None,
+                written.content_hash if payload and written else None,
+                json.dumps(written.metadata, sort_keys=True)
+                if payload and written
+                else "{}",
+            ),
+        )
+        self._last_history_id = cur.lastrowid
+        return Outcome(action, version, reason)
+
+    # -- state for digests ---------------------------------------------------
+
+    def digest(self) -> str:
+        """An order-independent digest of records and history.
+
+        Row ids and checkpoints are left out: a rebuild inserts in another
+        order but must reach the same content.
+        """
+        return digest_database(self._conn)
+
+
+def digest_database(conn: sqlite3.Connection) -> str:
+    """Sum modulo 2**256 of a SHA-256 per row: equal sets give equal digests."""
+    total = 0
+    queries = (
+        "SELECT 'r', r.tenant, r.key, r.version, r.deleted, r.cls, r.updated_ms, "
+        "r.partition, r.offset, r.tier, h.partition, h.offset FROM records r "
+        "LEFT JOIN history h ON h.id = r.payload_id",
+        "SELECT 'h', tenant, key, version, action, reason, event_id, agent, cls, "
+        "time_ms, partition, offset, expected_version, key_id, key_version, nonce, "
+        "ciphertext, content_hash, metadata FROM history",
+        "SELECT 'e', tenant, event_id, time_ms FROM erased",
+    )
+    for query in queries:
+        for row in conn.execute(query):
+            h = hashlib.sha256(repr(row).encode()).digest()
+            total = (total + int.from_bytes(h, "big")) % (1 << 256)
+    return total.to_bytes(32, "big").hex()
+
+
+class L2Reader:
+    """Read access to L2 for the read API; never writes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _db(self) -> sqlite3.Connection | None:
+        if self._conn is None:
+            if not self.path.exists():
+                return None
+            self._conn = connect(self.path, readonly=True)
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection, if open."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def checkpoint(self, partition: int) -> int:
+        """The next offset of ``partition`` L2 has not applied."""
+        db = self._db()
+        if db is None:
+            return 0
+        row = db.execute(
+            "SELECT next_offset FROM checkpoints WHERE partition = ?", (partition,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def checkpoints(self) -> dict[int, int]:
+        """Every partition's checkpoint."""
+        db = self._db()
+        return (
+            dict(db.execute("SELECT partition, next_offset FROM checkpoints"))
+            if db
+            else {}
+        )
+
+    def is_erased(self, tenant: str) -> bool:
+        """Whether a TenantErased event for this tenant was projected."""
+        db = self._db()
+        return bool(
+            db
+            and db.execute(
+                "SELECT 1 FROM erased WHERE tenant = ?", (tenant,)
+            ).fetchone()
+        )
+
+    def get(self, tenant: str, key: str) -> StoredRecord | None:
+        """The current record of a key (deleted ones included), or None."""
+        db = self._db()
+        if db is None:
+            return None
+        row = db.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM records r "  # noqa: S608 - constant columns
+            "LEFT JOIN history h ON h.id = r.payload_id "
+            "WHERE r.tenant = ? AND r.key = ?",
+            (tenant, key),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def get_as_of(self, tenant: str, key: str, offset: int) -> StoredRecord | None:
+        """The key as it stood once its partition was projected up to ``offset``."""
+        db = self._db()
+        if db is None:
+            return None
+        row = db.execute(
+            "SELECT tenant, key, version, action = 'deleted', cls, time_ms, partition, "
+            "offset, 'l2', event_id, agent, key_id, key_version, nonce, ciphertext, "
+            "content_hash, metadata FROM history WHERE tenant = ? AND key = ? "
+            "AND offset <= ? AND action IN ('written', 'deleted') "
+            "ORDER BY version DESC LIMIT 1",
+            (tenant, key, offset),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def history(self, tenant: str, key: str) -> list[HistoryRow]:
+        """Every event that touched a key, in log order."""
+        db = self._db()
+        if db is None:
+            return []
+        return [
+            HistoryRow(*row)
+            for row in db.execute(
+                "SELECT version, action, reason, event_id, agent, time_ms, partition, "
+                "offset, expected_version FROM history WHERE tenant = ? AND key = ? "
+                "ORDER BY offset",
+                (tenant, key),
+            )
+        ]
+
+    def version_payload(
+        self, tenant: str, key: str, version: int
+    ) -> StoredRecord | None:
+        """The written payload of one version of a key."""
+        db = self._db()
+        if db is None:
+            return None
+        row = db.execute(
+            "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "
+            "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
+            "metadata FROM history WHERE tenant = ? AND key = ? AND version = ? "
+            "AND action = 'written'",
+            (tenant, key, version),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def list(
+        self, tenant: str, *, prefix: str | None = None, cls: str | None = None
+    ) -> list[tuple[str, int, str, int]]:
+        """Live keys of a tenant as (key, version, class, updated_ms), sorted by key."""
+        db = self._db()
+        if db is None:
+            return []
+        sql = "SELECT key, version, cls, updated_ms FROM records WHERE tenant = ? AND deleted = 0"
+        args: list[Any] = [tenant]
+        if prefix:
+            # Compare by range rather than LIKE, so '%' and '_' in keys stay literal.
+            sql += " AND key >= ? AND key < ?"
+            args += [prefix, prefix + "\U0010ffff"]
+        if cls:
+            sql += " AND cls = ?"
+            args.append(cls)
+        return [
+            (r[0], r[1], r[2], r[3]) for r in db.execute(sql + " ORDER BY key", args)
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Live record counts per tier."""
+        db = self._db()
+        if db is None:
+            return {}
+        return dict(
+            db.execute(
+                "SELECT tier, COUNT(*) FROM records WHERE deleted = 0 GROUP BY tier"
+            )
+        )
+
+    def digest(self) -> str:
+        """The order-independent digest of L2's content."""
+        db = self._db()
+        return digest_database(db) if db else hashlib.sha256(b"").hexdigest()

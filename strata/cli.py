@@ -1,0 +1,581 @@
+"""The ``strata`` command.
+
+Exit status: 0 on success, 1 when a check finds a problem, 2 on bad usage,
+configuration or input, with one line on stderr naming what was wrong.
+Commands that report take ``--json`` and then print exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from strata.config import Settings, load_settings
+from strata.errors import StrataError, UsageError
+from strata.logging import configure_logging
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Strata: an event-sourced memory store for AI agents, over Apache Kafka.",
+)
+broker_app = typer.Typer(
+    no_args_is_help=True, help="A local Kafka broker for development and tests."
+)
+topics_app = typer.Typer(no_args_is_help=True, help="Topic administration.")
+ledger_app = typer.Typer(no_args_is_help=True, help="The audit ledger.")
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter topic.")
+app.add_typer(broker_app, name="broker")
+app.add_typer(topics_app, name="topics")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(dlq_app, name="dlq")
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout.")
+]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _emit(
+    as_json: bool, obj: dict[str, Any], human: Callable[[], None] | None = None
+) -> None:
+    if as_json or human is None:
+        sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    else:
+        human()
+
+
+def _write_bytes(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+
+
+def _say(message: str) -> None:
+    """Progress for a person on a terminal; silent otherwise so stdout stays clean."""
+    if sys.stderr.isatty():
+        typer.secho(message, err=True, fg="cyan")
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[
+        str, typer.Option(help="Lowest log level shown on stderr.")
+    ] = "WARNING",
+) -> None:
+    configure_logging(log_level)
+
+
+# -- broker --------------------------------------------------------------------
+
+
+@broker_app.command("up")
+def broker_up_cmd(as_json: JsonOpt = False) -> None:
+    """Start a local single-node Kafka broker (KRaft) on loopback ports."""
+    from strata.broker import broker_up
+
+    settings = _settings()
+    _say(
+        "starting Kafka (the first start downloads the broker's jars from Maven Central)"
+    )
+    info, started = broker_up(settings.data_dir)
+    obj = {
+        "bootstrap": info.bootstrap,
+        "running": True,
+        "started": started,
+        "pid": info.pid,
+        "version": info.version,
+    }
+    _emit(
+        as_json,
+        obj,
+        lambda: print(
+            f"{'started' if started else 'already running'}: Kafka {info.version} at {info.bootstrap}"
+            f"\nexport STRATA_KAFKA_BOOTSTRAP={info.bootstrap}  # optional: commands find it anyway"
+        ),
+    )
+
+
+@broker_app.command("down")
+def broker_down_cmd(as_json: JsonOpt = False) -> None:
+    """Stop the local broker."""
+    from strata.broker import broker_down
+
+    stopped = broker_down(_settings().data_dir)
+    _emit(
+        as_json,
+        {"stopped": stopped, "running": False},
+        lambda: print("stopped" if stopped else "no broker was running"),
+    )
+
+
+@broker_app.command("status")
+def broker_status_cmd(as_json: JsonOpt = False) -> None:
+    """Say whether the local broker runs, and where."""
+    from strata.broker import broker_status
+
+    settings = _settings()
+    info, running = broker_status(settings.data_dir)
+    bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else None)
+    obj = {
+        "bootstrap": bootstrap,
+        "running": running,
+        "pid": info.pid if info else None,
+    }
+    _emit(
+        as_json,
+        obj,
+        lambda: print(f"{'running' if running else 'not running'}: {bootstrap or '-'}"),
+    )
+
+
+# -- topics --------------------------------------------------------------------
+
+
+@topics_app.command("ensure")
+def topics_ensure(as_json: JsonOpt = False) -> None:
+    """Create the memory, dead-letter and jobs topics, idempotently."""
+    from strata.kafka import ensure_topics
+
+    settings = _settings()
+    created = _run(ensure_topics(settings))
+    topics = [settings.memory_topic, settings.dlq_topic, settings.jobs_topic]
+    _emit(
+        as_json,
+        {"topics": topics, "created": created},
+        lambda: print(
+            "\n".join(f"{t}: {'created' if t in created else 'exists'}" for t in topics)
+        ),
+    )
+
+
+# -- writing -------------------------------------------------------------------
+
+
+def _payload(text: str | None, file: Path | None) -> bytes:
+    if file is not None and text is not None:
+        raise UsageError("give the payload as TEXT, --file or '-', not several")
+    if file is not None:
+        try:
+            return file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--file {file}: {exc.strerror}") from exc
+    if text is None:
+        raise UsageError("no payload: give TEXT, --file F, or '-' for standard input")
+    if text == "-":
+        return sys.stdin.buffer.read()
+    return text.encode()
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--meta {pair!r}: expected NAME=VALUE")
+        meta[name] = value
+    return meta
+
+
+@app.command("write")
+def write_cmd(
+    tenant: str,
+    key: str,
+    text: Annotated[
+        str | None, typer.Argument(help="The payload, or '-' to read standard input.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Read the payload from a file.")
+    ] = None,
+    cls: Annotated[str, typer.Option("--cls", help="The memory's class.")] = "chat",
+    agent: Annotated[str, typer.Option(help="The writing agent.")] = "cli",
+    expect_version: Annotated[
+        int | None,
+        typer.Option(
+            "--expect-version", help="Apply only if the key is at this version."
+        ),
+    ] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option("--meta", help="Metadata NAME=VALUE (repeatable)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a memory write; print its read-your-writes token."""
+    from producers.producer import MemoryProducer
+    from strata.keystore import LocalKeystore
+    from strata.paths import StorePaths
+
+    settings = _settings()
+    data = _payload(text, file)
+    metadata = _metadata(meta)
+
+    async def go() -> str:
+        keystore = LocalKeystore(
+            StorePaths(settings.data_dir).keys, settings.master_key_path
+        )
+        async with MemoryProducer(settings, keystore) as producer:
+            token = await producer.write(
+                tenant,
+                key,
+                data,
+                cls=cls,
+                agent=agent,
+                expected_version=expect_version,
+                metadata=metadata,
+            )
+        return str(token)
+
+    token = _run(go())
+    _emit(as_json, {"token": token, "tenant": tenant, "key": key}, lambda: print(token))
+
+
+@app.command("delete")
+def delete_cmd(
+    tenant: str,
+    key: str,
+    agent: Annotated[str, typer.Option(help="The deleting agent.")] = "cli",
+    expect_version: Annotated[int | None, typer.Option("--expect-version")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a delete; print its token."""
+    from producers.producer import MemoryProducer
+    from strata.keystore import LocalKeystore
+    from strata.paths import StorePaths
+
+    settings = _settings()
+
+    async def go() -> str:
+        keystore = LocalKeystore(
+            StorePaths(settings.data_dir).keys, settings.master_key_path
+        )
+        async with MemoryProducer(settings, keystore) as producer:
+            return str(
+                await producer.delete(
+                    tenant, key, agent=agent, expected_version=expect_version
+                )
+            )
+
+    token = _run(go())
+    _emit(as_json, {"token": token, "tenant": tenant, "key": key}, lambda: print(token))
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def _reader(settings: Settings) -> Any:
+    from projections.reader import Reader
+    from strata.keystore import LocalKeystore
+    from strata.paths import StorePaths
+
+    paths = StorePaths(settings.data_dir)
+    return Reader(paths.l2_db, LocalKeystore(paths.keys, settings.master_key_path))
+
+
+@app.command("get")
+def get_cmd(
+    tenant: str,
+    key: str,
+    as_of: Annotated[
+        int | None,
+        typer.Option(
+            "--as-of",
+            help="The value once the key's partition was projected to OFFSET.",
+        ),
+    ] = None,
+    wait: Annotated[
+        str | None,
+        typer.Option("--wait", help="Wait until token PARTITION:OFFSET is projected."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait may take.")] = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read a memory (L1, then L2) and print its payload."""
+    from projections.reader import WriteToken
+
+    reader = _reader(_settings())
+    if wait is not None:
+        try:
+            token = WriteToken.parse(wait)
+        except ValueError:
+            raise UsageError(f"--wait {wait!r}: expected PARTITION:OFFSET") from None
+        _run(reader.wait_for(token, timeout_s=timeout))
+    memory = reader.get(tenant, key, as_of=as_of)
+    _emit(
+        as_json,
+        memory.to_dict(),
+        lambda: _write_bytes(memory.payload + b"\n"),
+    )
+
+
+@app.command("history")
+def history_cmd(tenant: str, key: str, as_json: JsonOpt = False) -> None:
+    """Every event that touched a key, rejected ones included."""
+    from projections.reader import history_to_dict
+
+    rows = _reader(_settings()).history(tenant, key)
+    items = [history_to_dict(r) for r in rows]
+    _emit(
+        as_json,
+        {"tenant": tenant, "key": key, "history": items},
+        lambda: print(
+            "\n".join(
+                f"v{r.version:<4} {r.action:<11} {r.partition}:{r.offset:<8} {r.agent:<12} {r.reason}"
+                for r in rows
+            )
+        ),
+    )
+
+
+@app.command("list")
+def list_cmd(
+    tenant: str,
+    prefix: Annotated[
+        str | None, typer.Option(help="Only keys starting with this.")
+    ] = None,
+    cls: Annotated[str | None, typer.Option("--cls", help="Only this class.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a tenant's live keys."""
+    rows = _reader(_settings()).list(tenant, prefix=prefix, cls=cls)
+    items = [{"key": k, "version": v, "cls": c, "updated_ms": t} for k, v, c, t in rows]
+    _emit(
+        as_json,
+        {"tenant": tenant, "count": len(items), "keys": items},
+        lambda: print("\n".join(f"{k}\tv{v}\t{c}" for k, v, c, _ in rows)),
+    )
+
+
+# -- workers and state ------------------------------------------------------------
+
+
+@app.command("worker")
+def worker_cmd(
+    group: Annotated[
+        str | None, typer.Option(help="Consumer group (default PREFIX.workers).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve Prometheus metrics on this port."),
+    ] = None,
+    until_caught_up: Annotated[
+        bool,
+        typer.Option(
+            "--until-caught-up",
+            help="Exit once every partition reaches the end offsets seen at start.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Project the memory topic into L1, L2 and the ledger."""
+    from consumers.worker import Worker
+
+    settings = _settings()
+
+    async def go() -> dict[str, Any]:
+        worker = Worker(settings, group=group, until_caught_up=until_caught_up)
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(
+                metrics_port, addr="127.0.0.1", registry=worker.metrics.registry
+            )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.request_stop)
+        report = await worker.run()
+        return report.to_dict()
+
+    result = _run(go())
+    _emit(
+        as_json,
+        result,
+        lambda: print(
+            f"applied {result['events_applied']} events ({result['dead_letters']} dead-lettered) "
+            f"in {result['seconds']}s"
+        ),
+    )
+
+
+@app.command("status")
+def status_cmd(as_json: JsonOpt = False) -> None:
+    """Checkpoints, end offsets, lag and the dead-letter count."""
+    from strata.status import collect_status
+
+    obj = _run(collect_status(_settings()))
+
+    def human() -> None:
+        print(f"{'partition':>9} {'l2':>10} {'ledger':>10} {'end':>10} {'lag':>8}")
+        for p in obj["partitions"]:
+            print(
+                f"{p['partition']:>9} {p['checkpoints']['l2']:>10} {p['checkpoints']['ledger']:>10} "
+                f"{p['end_offset']:>10} {p['lag']:>8}"
+            )
+        print(f"dead letters: {obj['dlq']}")
+
+    _emit(as_json, obj, human)
+
+
+@app.command("digest")
+def digest_cmd(
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Digest this data dir instead.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A digest of each durable projection's state, to compare two data dirs."""
+    from projections.l2 import L2Reader
+    from projections.ledger import ledger_digest
+    from strata.paths import StorePaths
+
+    paths = StorePaths(data_dir or _settings().data_dir)
+    l2 = L2Reader(paths.l2_db)
+    obj = {"projections": {"l2": l2.digest(), "ledger": ledger_digest(paths.ledger)}}
+    l2.close()
+    _emit(
+        as_json,
+        obj,
+        lambda: print("\n".join(f"{n}\t{d}" for n, d in obj["projections"].items())),
+    )
+
+
+@app.command("load")
+def load_cmd(
+    events: Annotated[
+        int, typer.Option("--events", min=1, help="How many events to publish.")
+    ],
+    tenants: Annotated[int, typer.Option("--tenants", min=1)] = 3,
+    size: Annotated[
+        int, typer.Option("--size", min=0, help="Payload bytes per event.")
+    ] = 1024,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+    keys: Annotated[
+        int, typer.Option("--keys", min=1, help="Distinct keys per tenant.")
+    ] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish synthetic events for benchmarks and soak tests."""
+    from producers.load import publish_synthetic
+
+    settings = _settings()
+    result = _run(
+        publish_synthetic(
+            settings, events=events, tenants=tenants, size=size, seed=seed, keys=keys
+        )
+    )
+    _emit(
+        as_json,
+        result,
+        lambda: print(
+            f"published {result['events']} events in {result['seconds']}s ({result['events_per_s']:.0f}/s)"
+        ),
+    )
+
+
+@ledger_app.command("verify")
+def ledger_verify_cmd(as_json: JsonOpt = False) -> None:
+    """Check every partition's chain; exit 1 on any finding."""
+    from projections.ledger import verify_ledger
+    from strata.paths import StorePaths
+
+    report = verify_ledger(StorePaths(_settings().data_dir).ledger)
+    obj = {
+        "ok": report.ok,
+        "entries": report.entries,
+        "partitions": report.partitions,
+        "findings": [f.to_dict() for f in report.findings],
+    }
+    _emit(
+        as_json,
+        obj,
+        lambda: print(
+            f"ledger {'verified' if report.ok else 'FAILED'}: {report.entries} entries in "
+            f"{report.partitions} partitions"
+            + "".join(
+                f"\n  partition {f.partition} entry {f.entry}: {f.problem}"
+                for f in report.findings
+            )
+        ),
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@dlq_app.command("list")
+def dlq_list_cmd(as_json: JsonOpt = False) -> None:
+    """Show the dead letters, why and where each came from."""
+    from consumers.dlq import read_dead_letters
+
+    letters = _run(read_dead_letters(_settings()))
+    obj = {"count": len(letters), "messages": [d.to_dict() for d in letters]}
+    _emit(
+        as_json,
+        obj,
+        lambda: print(
+            "\n".join(
+                f"{d.source_topic}[{d.source_partition}]@{d.source_offset}: {d.error_class}: {d.error_message}"
+                for d in letters
+            )
+            or "no dead letters"
+        ),
+    )
+
+
+@app.command("demo")
+def demo_cmd(
+    sample: Annotated[
+        int, typer.Option(help="How many memories to read back and compare.")
+    ] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job on real input: the chatterbot corpus, end to end."""
+    from strata.demo import run_demo
+
+    summary = _run(run_demo(_settings(), sample=sample, progress=_say))
+
+    def human() -> None:
+        print(
+            f"published {summary['events_published']} memories for {summary['tenants']} tenants "
+            f"({summary['agents']} agents) in {summary['publish_seconds']}s"
+        )
+        print(
+            f"projected {summary['events_projected']}; dead letters: {summary['dlq']}"
+        )
+        print(
+            f"read back {summary['sampled']}: {len(summary['sample_mismatches'])} mismatches"
+        )
+        print(
+            f"ledger: {'verified' if summary['ledger_verified'] else 'FAILED'} "
+            f"({summary['ledger_entries']} entries)"
+        )
+        print(f"tiers: {summary['tiers']}; took {summary['seconds']}s")
+
+    _emit(as_json, summary, human)
+    if not summary["ledger_verified"] or summary["sample_mismatches"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the ``strata`` command."""
+    try:
+        app()
+    except StrataError as exc:
+        sys.stderr.write(f"strata: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

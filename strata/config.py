@@ -1,0 +1,97 @@
+"""Settings, read once from the environment and validated into a frozen object.
+
+Every variable carries the ``STRATA_`` prefix. A value that does not validate
+is a :class:`~strata.errors.ConfigError` naming the variable, so the command
+line can exit 2 with one clear line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from strata.errors import ConfigError
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+_BOOTSTRAP_RE = re.compile(r"^[^\s,:]+:\d{1,5}(,[^\s,:]+:\d{1,5})*$")
+
+
+class Settings(BaseSettings):
+    """Strata's configuration.
+
+    Attributes mirror the environment variables of the design: for example
+    ``kafka_bootstrap`` is ``STRATA_KAFKA_BOOTSTRAP``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="STRATA_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str | None = None
+    data_dir: Path = Path(".strata")
+    topic_prefix: str = "strata"
+    partitions: int = Field(default=6, ge=1, le=1024)
+    master_key_file: Path | None = None
+    kms_url: str | None = None
+    l1_max_entries: int = Field(default=10_000, ge=0)
+    l1_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    sqlite_synchronous: str = "FULL"
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX_RE.match(value):
+            raise ValueError("letters, digits, '.', '_' and '-' only, at most 101")
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is not None and not _BOOTSTRAP_RE.match(value):
+            raise ValueError("expected host:port[,host:port...]")
+        return value
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _check_sync(cls, value: str) -> str:
+        if value.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError("one of OFF, NORMAL, FULL, EXTRA")
+        return value.upper()
+
+    @property
+    def memory_topic(self) -> str:
+        """The event log topic."""
+        return f"{self.topic_prefix}.memory"
+
+    @property
+    def dlq_topic(self) -> str:
+        """The dead-letter topic."""
+        return f"{self.topic_prefix}.memory.dlq"
+
+    @property
+    def jobs_topic(self) -> str:
+        """The job lifecycle topic."""
+        return f"{self.topic_prefix}.jobs"
+
+    @property
+    def master_key_path(self) -> Path:
+        """Where the local keystore's master key lives."""
+        return self.master_key_file or self.data_dir / "keys" / "master.key"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise :class:`ConfigError` when one is bad.
+
+    Args:
+        overrides: values that take precedence over the environment.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise ConfigError(
+            f"STRATA_{field.upper()}: {first['msg']} (got {first.get('input')!r})"
+        ) from None

@@ -1,0 +1,111 @@
+"""Payload encryption: AES-256-GCM bound to tenant, key and event id.
+
+The associated data is a length-prefixed encoding of (tenant, key, event id),
+so a ciphertext copied onto another record, key or tenant fails to
+authenticate. The content hash is an HMAC of the plaintext under a key
+derived from the data key: it lets a key holder compare payloads without
+exposing a dictionary-attackable plain hash on the topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from strata.errors import DecryptionError
+
+NONCE_SIZE = 12
+KEY_SIZE = 32
+_MAC_INFO = b"strata/content-hash/v1"
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """One unwrapped version of a tenant's data key. Its repr never shows material."""
+
+    tenant: str
+    key_id: str
+    version: int
+    material: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.material) != KEY_SIZE:
+            raise ValueError(f"data keys are {KEY_SIZE} bytes")
+
+    @property
+    def mac_key(self) -> bytes:
+        """The HMAC key for content hashes, derived so it never equals the AEAD key."""
+        return hmac.new(self.material, _MAC_INFO, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A sealed payload as it travels in an event."""
+
+    key_id: str
+    key_version: int
+    nonce: bytes
+    ciphertext: bytes
+    content_hash: bytes
+
+
+def associated_data(tenant: str, key: str, event_id: str) -> bytes:
+    """The AEAD associated data binding a ciphertext to its record and event."""
+    parts = [p.encode() for p in (tenant, key, event_id)]
+    return b"strata/v1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def content_hash(data_key: DataKey, plaintext: bytes) -> bytes:
+    """HMAC-SHA256 of the plaintext under the data key's derived MAC key."""
+    return hmac.new(data_key.mac_key, plaintext, hashlib.sha256).digest()
+
+
+def seal(
+    data_key: DataKey, plaintext: bytes, *, tenant: str, key: str, event_id: str
+) -> Sealed:
+    """Encrypt a payload for one event of one record.
+
+    The nonce is 96 random bits; the key version is rotated long before the
+    2**32 messages after which random nonces risk a collision.
+    """
+    nonce = os.urandom(NONCE_SIZE)
+    aad = associated_data(tenant, key, event_id)
+    ciphertext = AESGCM(data_key.material).encrypt(nonce, plaintext, aad)
+    return Sealed(
+        key_id=data_key.key_id,
+        key_version=data_key.version,
+        nonce=nonce,
+        ciphertext=ciphertext,
+        content_hash=content_hash(data_key, plaintext),
+    )
+
+
+def open_sealed(
+    data_key: DataKey,
+    nonce: bytes,
+    ciphertext: bytes,
+    *,
+    tenant: str,
+    key: str,
+    event_id: str,
+) -> bytes:
+    """Decrypt a payload, checking that it belongs to this tenant, key and event.
+
+    Raises:
+        DecryptionError: the ciphertext was altered, or belongs to another
+            record, tenant or key version. The message names where, never what.
+    """
+    aad = associated_data(tenant, key, event_id)
+    try:
+        return AESGCM(data_key.material).decrypt(nonce, ciphertext, aad)
+    except InvalidTag:
+        raise DecryptionError(
+            f"ciphertext of event {event_id} does not authenticate for tenant "
+            f"{tenant!r} key {key!r} under {data_key.key_id} v{data_key.version}"
+        ) from None

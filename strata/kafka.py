@@ -1,0 +1,158 @@
+"""Kafka plumbing shared by producers, workers and commands.
+
+Client settings are chosen deliberately rather than left to aiokafka's
+defaults (auto commit on, ``latest`` reset, ``read_uncommitted``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from strata.broker import recorded_bootstrap
+from strata.config import Settings
+from strata.errors import BrokerError, ConfigError
+
+log = structlog.get_logger(__name__)
+
+
+def topic_config(settings: Settings) -> dict[str, str]:
+    """Unlimited retention (the memory topic is the source of truth), and room
+    for the largest payload plus its event envelope."""
+    return {
+        "retention.ms": "-1",
+        "retention.bytes": "-1",
+        "max.message.bytes": str(message_limit(settings)),
+    }
+
+
+def message_limit(settings: Settings) -> int:
+    """The largest message a Strata topic accepts: the payload limit plus headroom."""
+    return settings.max_payload_bytes + 64 * 1024
+
+
+def bootstrap_of(settings: Settings) -> str:
+    """The broker address: the setting, else the one ``strata broker up`` recorded.
+
+    Raises:
+        ConfigError: neither is available.
+    """
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    recorded = recorded_bootstrap(settings.data_dir)
+    if recorded:
+        return recorded
+    raise ConfigError(
+        "no Kafka broker: set STRATA_KAFKA_BOOTSTRAP or run `strata broker up` "
+        f"(data dir {settings.data_dir})"
+    )
+
+
+async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
+    """Create the memory, dead-letter and jobs topics if missing; return those created.
+
+    Raises:
+        BrokerError: the broker cannot be reached within ``timeout_s``.
+    """
+    bootstrap = bootstrap_of(settings)
+    config = topic_config(settings)
+    wanted = {
+        settings.memory_topic: (settings.partitions, config),
+        settings.dlq_topic: (1, config),
+        settings.jobs_topic: (1, config),
+    }
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await start_client(admin, bootstrap, timeout_s)
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        for name in missing:
+            partitions, config = wanted[name]
+            try:
+                await admin.create_topics(
+                    [NewTopic(name, partitions, 1, topic_configs=config)]
+                )
+                created.append(name)
+                log.info("topics.created", topic=name, partitions=partitions)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+    await wait_for_topics(settings, list(wanted), timeout_s=timeout_s)
+    return created
+
+
+async def wait_for_topics(
+    settings: Settings, topics: Iterable[str], *, timeout_s: float = 30.0
+) -> None:
+    """Wait until every topic's partitions have a leader (metadata has propagated)."""
+    names = list(topics)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        offsets = await end_offsets(settings, names, timeout_s=timeout_s)
+        if {tp.topic for tp in offsets} >= set(names):
+            return
+        if time.monotonic() > deadline:
+            raise BrokerError(f"topics {names} have no leaders after {timeout_s:g}s")
+        await asyncio.sleep(0.2)
+
+
+async def start_client(client: object, bootstrap: str, timeout_s: float) -> None:
+    """Start an aiokafka client, turning a dead broker into one clear error."""
+    began = time.monotonic()
+    try:
+        await asyncio.wait_for(client.start(), timeout=timeout_s)  # type: ignore[attr-defined]
+    except (TimeoutError, KafkaConnectionError, KafkaError, OSError) as exc:
+        waited = time.monotonic() - began
+        with_close = getattr(client, "close", None) or getattr(client, "stop", None)
+        if with_close is not None:
+            try:
+                await with_close()
+            except Exception as close_exc:  # noqa: BLE001 - the start failure matters more
+                log.debug("kafka.close_after_failed_start", error=str(close_exc))
+        raise BrokerError(
+            f"Kafka broker at {bootstrap} unreachable after {waited:.1f}s "
+            f"({type(exc).__name__}: {exc or 'timed out'})"
+        ) from exc
+
+
+async def end_offsets(
+    settings: Settings, topics: Iterable[str], *, timeout_s: float = 30.0
+) -> dict[TopicPartition, int]:
+    """The end offset of every partition of the given topics."""
+    bootstrap = bootstrap_of(settings)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    await start_client(consumer, bootstrap, timeout_s)
+    try:
+        tps = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not tps:
+            await consumer._client.force_metadata_update()
+            tps = [
+                TopicPartition(topic, p)
+                for topic in topics
+                for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+        if not tps:
+            return {}
+        result: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        return result
+    finally:
+        await consumer.stop()

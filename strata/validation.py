@@ -1,0 +1,49 @@
+"""Checks on names users pass in: tenants, keys, classes, agents."""
+
+from __future__ import annotations
+
+import re
+
+from strata.errors import UsageError
+
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CLASS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MAX_KEY_CHARS = 1024
+
+
+def check_tenant(tenant: str) -> str:
+    """A tenant is 1-128 letters, digits, '.', '_' or '-', starting alphanumeric.
+
+    '/' is excluded because the message key is ``tenant/key``.
+    """
+    if not _TENANT_RE.match(tenant):
+        raise UsageError(
+            f"tenant {tenant!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return tenant
+
+
+def check_key(key: str) -> str:
+    """A key is 1-1024 characters of any text but control characters."""
+    if not key or len(key) > MAX_KEY_CHARS:
+        raise UsageError(f"key: must be 1-{MAX_KEY_CHARS} characters, got {len(key)}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        raise UsageError(f"key {key!r}: control characters are not allowed")
+    return key
+
+
+def check_class(cls: str) -> str:
+    """A class is a short lower-case word such as ``chat`` or ``pii``."""
+    if not _CLASS_RE.match(cls):
+        raise UsageError(
+            f"class {cls!r}: use 1-32 lower-case letters, digits, '_' or '-'"
+        )
+    return cls
+
+
+def check_agent(agent: str) -> str:
+    """An agent name is 1-256 characters without control characters."""
+    if not agent or len(agent) > 256 or any(ord(ch) < 0x20 for ch in agent):
+        raise UsageError(f"agent {agent!r}: use 1-256 printable characters")
+    return agent
