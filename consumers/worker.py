@@ -28,10 +28,10 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from consumers.dlq import send_dead_letter
-from projections.base import Envelope, Outcome
+from projections.base import Envelope, FollowerProjection, Outcome
 from projections.l1 import L1Cache
 from projections.l2 import L2Projection, StoredRecord
-from projections.ledger import LedgerProjection
+from projections.registry import build_followers
 from schemas.codec import Codec
 from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
 from strata.config import Settings
@@ -109,7 +109,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self.l2: L2Projection | None = None
-        self.ledger = LedgerProjection(self.paths.ledger)
+        self.followers = build_followers(self.paths)
         self.assigned = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -211,7 +211,10 @@ class Worker:
 
     def _checkpoint(self, partition: int) -> int:
         assert self.l2 is not None
-        return min(self.l2.checkpoint(partition), self.ledger.checkpoint(partition))
+        return min(
+            [self.l2.checkpoint(partition)]
+            + [f.checkpoint(partition) for f in self.followers]
+        )
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, tps: set[TopicPartition]
@@ -245,11 +248,14 @@ class Worker:
         async def apply_l2() -> list[Outcome | None]:
             return l2.apply(partition, envelopes, next_offset)
 
-        async def append_ledger() -> int:
-            return await self.ledger.append(partition, envelopes, outcomes, next_offset)
-
         outcomes = await self._retrying("l2", apply_l2)
-        appended = await self._retrying("ledger", append_ledger)
+        used: dict[str, int] = {}
+        for follower in self.followers:
+
+            async def apply_follower(f: FollowerProjection = follower) -> int:
+                return await f.apply(partition, envelopes, outcomes, next_offset)
+
+            used[follower.name] = await self._retrying(follower.name, apply_follower)
         self._update_l1(envelopes, outcomes)
         self._positions[tp] = next_offset
 
@@ -258,7 +264,8 @@ class Worker:
         self.report.events_applied += applied
         self.report.batches += 1
         self.metrics.events_applied.labels("l2", str(partition)).inc(applied)
-        self.metrics.events_applied.labels("ledger", str(partition)).inc(appended)
+        for name, count in used.items():
+            self.metrics.events_applied.labels(name, str(partition)).inc(count)
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         log.debug(
             "worker.batch_applied",

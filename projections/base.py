@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from schemas.events import Event
 
@@ -37,3 +39,35 @@ class Outcome:
     action: str
     version: int
     reason: str = ""
+
+
+class FollowerProjection(Protocol):
+    """A durable projection applied after L2, following L2's decisions.
+
+    It keeps its own checkpoint per partition, moved atomically with its own
+    writes; offsets below it are skipped, so a batch may be offered again.
+    """
+
+    name: str
+
+    def checkpoint(self, partition: int) -> int:
+        """The next offset of ``partition`` not yet applied."""
+        ...
+
+    async def apply(
+        self,
+        partition: int,
+        envelopes: Sequence[Envelope],
+        outcomes: Sequence[Outcome | None],
+        next_offset: int,
+    ) -> int:
+        """Apply a batch and move the checkpoint; return how many events it used.
+
+        Raises:
+            StoreError: the store cannot be written; nothing was applied.
+        """
+        ...
+
+    def digest(self) -> str:
+        """An order-independent digest of the projection's state."""
+        ...

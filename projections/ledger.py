@@ -125,7 +125,7 @@ class LedgerProjection:
         """Every partition's checkpoint."""
         return {p: self.checkpoint(p) for p in partitions_in(self.directory)}
 
-    async def append(
+    async def apply(
         self,
         partition: int,
         envelopes: Sequence[Envelope],

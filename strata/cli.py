@@ -8,20 +8,21 @@ Commands that report take ``--json`` and then print exactly one JSON object.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from strata.config import Settings, load_settings
+from strata.commands._common import JsonOpt
+from strata.commands._common import emit as _emit
+from strata.commands._common import run as _run
+from strata.commands._common import say as _say
+from strata.commands._common import settings as _settings
+from strata.config import Settings
 from strata.errors import StrataError, UsageError
 from strata.logging import configure_logging
-
-T = TypeVar("T")
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,43 +34,12 @@ broker_app = typer.Typer(
     no_args_is_help=True, help="A local Kafka broker for development and tests."
 )
 topics_app = typer.Typer(no_args_is_help=True, help="Topic administration.")
-ledger_app = typer.Typer(no_args_is_help=True, help="The audit ledger.")
-dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter topic.")
 app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
-app.add_typer(ledger_app, name="ledger")
-app.add_typer(dlq_app, name="dlq")
-
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object on stdout.")
-]
-
-
-def _settings(**overrides: Any) -> Settings:
-    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def _emit(
-    as_json: bool, obj: dict[str, Any], human: Callable[[], None] | None = None
-) -> None:
-    if as_json or human is None:
-        sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
-    else:
-        human()
 
 
 def _write_bytes(data: bytes) -> None:
     sys.stdout.buffer.write(data)
-
-
-def _say(message: str) -> None:
-    """Progress for a person on a terminal; silent otherwise so stdout stays clean."""
-    if sys.stderr.isatty():
-        typer.secho(message, err=True, fg="cyan")
 
 
 @app.callback()
@@ -439,14 +409,10 @@ def digest_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """A digest of each durable projection's state, to compare two data dirs."""
-    from projections.l2 import L2Reader
-    from projections.ledger import ledger_digest
+    from projections.registry import digests
     from strata.paths import StorePaths
 
-    paths = StorePaths(data_dir or _settings().data_dir)
-    l2 = L2Reader(paths.l2_db)
-    obj = {"projections": {"l2": l2.digest(), "ledger": ledger_digest(paths.ledger)}}
-    l2.close()
+    obj = {"projections": digests(StorePaths(data_dir or _settings().data_dir))}
     _emit(
         as_json,
         obj,
@@ -487,55 +453,6 @@ def load_cmd(
     )
 
 
-@ledger_app.command("verify")
-def ledger_verify_cmd(as_json: JsonOpt = False) -> None:
-    """Check every partition's chain; exit 1 on any finding."""
-    from projections.ledger import verify_ledger
-    from strata.paths import StorePaths
-
-    report = verify_ledger(StorePaths(_settings().data_dir).ledger)
-    obj = {
-        "ok": report.ok,
-        "entries": report.entries,
-        "partitions": report.partitions,
-        "findings": [f.to_dict() for f in report.findings],
-    }
-    _emit(
-        as_json,
-        obj,
-        lambda: print(
-            f"ledger {'verified' if report.ok else 'FAILED'}: {report.entries} entries in "
-            f"{report.partitions} partitions"
-            + "".join(
-                f"\n  partition {f.partition} entry {f.entry}: {f.problem}"
-                for f in report.findings
-            )
-        ),
-    )
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-@dlq_app.command("list")
-def dlq_list_cmd(as_json: JsonOpt = False) -> None:
-    """Show the dead letters, why and where each came from."""
-    from consumers.dlq import read_dead_letters
-
-    letters = _run(read_dead_letters(_settings()))
-    obj = {"count": len(letters), "messages": [d.to_dict() for d in letters]}
-    _emit(
-        as_json,
-        obj,
-        lambda: print(
-            "\n".join(
-                f"{d.source_topic}[{d.source_partition}]@{d.source_offset}: {d.error_class}: {d.error_message}"
-                for d in letters
-            )
-            or "no dead letters"
-        ),
-    )
-
-
 @app.command("demo")
 def demo_cmd(
     sample: Annotated[
@@ -570,8 +487,24 @@ def demo_cmd(
         raise typer.Exit(1)
 
 
+def _register_commands() -> None:
+    """Add the command groups of :mod:`strata.commands`, one module each."""
+    import importlib
+    import pkgutil
+
+    import strata.commands
+
+    names = sorted(m.name for m in pkgutil.iter_modules(strata.commands.__path__))
+    for name in names:
+        if name.startswith("_"):
+            continue
+        module = importlib.import_module(f"strata.commands.{name}")
+        module.register(app)
+
+
 def main() -> None:
     """Entry point of the ``strata`` command."""
+    _register_commands()
     try:
         app()
     except StrataError as exc:

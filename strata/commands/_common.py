@@ -1,0 +1,45 @@
+"""Helpers every command module uses: settings, async running, output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from strata.config import Settings, load_settings
+
+T = TypeVar("T")
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout.")
+]
+
+
+def settings(**overrides: Any) -> Settings:
+    """The validated settings, with explicit command-line overrides applied."""
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on a fresh event loop."""
+    return asyncio.run(coro)
+
+
+def emit(
+    as_json: bool, obj: dict[str, Any], human: Callable[[], None] | None = None
+) -> None:
+    """Print ``obj`` as one JSON line, or call ``human`` to print it for a person."""
+    if as_json or human is None:
+        sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    else:
+        human()
+
+
+def say(message: str) -> None:
+    """Progress for a person on a terminal; silent otherwise so stdout stays clean."""
+    if sys.stderr.isatty():
+        typer.secho(message, err=True, fg="cyan")

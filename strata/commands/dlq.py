@@ -1,0 +1,34 @@
+"""`strata dlq`: the dead-letter topic."""
+
+from __future__ import annotations
+
+import typer
+
+from strata.commands._common import JsonOpt, emit, run, settings
+
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter topic.")
+
+
+@dlq_app.command("list")
+def dlq_list_cmd(as_json: JsonOpt = False) -> None:
+    """Show the dead letters, why and where each came from."""
+    from consumers.dlq import read_dead_letters
+
+    letters = run(read_dead_letters(settings()))
+    obj = {"count": len(letters), "messages": [d.to_dict() for d in letters]}
+    emit(
+        as_json,
+        obj,
+        lambda: print(
+            "\n".join(
+                f"{d.source_topic}[{d.source_partition}]@{d.source_offset}: {d.error_class}: {d.error_message}"
+                for d in letters
+            )
+            or "no dead letters"
+        ),
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `strata dlq` to the command."""
+    app.add_typer(dlq_app, name="dlq")
