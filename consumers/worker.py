@@ -412,7 +412,7 @@ class Worker:
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(StoreError),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
             stop=lambda _state: self.stopping,
             before_sleep=before_sleep,
             reraise=True,

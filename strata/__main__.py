@@ -1,0 +1,5 @@
+"""``python -m strata`` runs the ``strata`` command."""
+
+from strata.cli import main
+
+main()
