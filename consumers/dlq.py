@@ -1,8 +1,13 @@
 """The dead-letter topic: events a worker could not apply, kept unchanged.
 
-Each dead letter is the original key and value, with the original headers
-and these added: source topic, partition and offset, error class and
-message, and the time it was dead-lettered (UTC milliseconds).
+Each dead letter carries the original value byte for byte, with the original
+headers and these added: source topic, partition, offset and message key,
+error class and message, and the time it was dead-lettered (UTC ms).
+
+The topic is compacted and keyed by source position (``topic/partition/
+offset``): sending the same poison twice (a worker that died before its
+checkpoint) keeps one letter, and `strata dlq replay` resolves a letter by
+writing a tombstone for its key once the event is back on the memory topic.
 """
 
 from __future__ import annotations
@@ -11,22 +16,31 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from consumers.validation import decode_and_validate
+from schemas.codec import Codec
 from strata.config import Settings
+from strata.errors import ApplyError, CodecError
 from strata.kafka import bootstrap_of, start_client
+from strata.keystore import LocalKeystore
+
+log = structlog.get_logger(__name__)
 
 H_TOPIC = "strata.source.topic"
 H_PARTITION = "strata.source.partition"
 H_OFFSET = "strata.source.offset"
+H_KEY = "strata.source.key"
 H_ERROR_CLASS = "strata.error.class"
 H_ERROR_MESSAGE = "strata.error.message"
 H_TIME = "strata.dlq.time_ms"
+H_REPLAYED_FROM = "strata.replayed.from"
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One message on the dead-letter topic, as `strata dlq list` shows it."""
+    """One unresolved message on the dead-letter topic."""
 
     dlq_offset: int
     source_topic: str
@@ -35,31 +49,45 @@ class DeadLetter:
     error_class: str
     error_message: str
     time_ms: int
-    key: bytes | None
-    value: bytes | None
+    source_key: bytes | None
+    value: bytes
+
+    @property
+    def dlq_key(self) -> bytes:
+        """The letter's key on the compacted dead-letter topic."""
+        return position_key(
+            self.source_topic, self.source_partition, self.source_offset
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form (the value is ciphertext-bearing, so only its size)."""
+        """A JSON-ready form (the value carries ciphertext, so only its size)."""
         return {
             "dlq_offset": self.dlq_offset,
             "source": {
                 "topic": self.source_topic,
                 "partition": self.source_partition,
                 "offset": self.source_offset,
+                "key": self.source_key.decode(errors="replace")
+                if self.source_key is not None
+                else None,
             },
             "error_class": self.error_class,
             "error_message": self.error_message,
             "time_ms": self.time_ms,
-            "key": self.key.decode(errors="replace") if self.key is not None else None,
-            "value_bytes": len(self.value) if self.value is not None else 0,
+            "value_bytes": len(self.value),
         }
 
 
+def position_key(topic: str, partition: int, offset: int) -> bytes:
+    """The dead-letter key of a source position."""
+    return f"{topic}/{partition}/{offset}".encode()
+
+
 def dead_letter_headers(
-    topic: str, partition: int, offset: int, error: BaseException
+    topic: str, partition: int, offset: int, key: bytes | None, error: BaseException
 ) -> list[tuple[str, bytes]]:
     """The headers that say why and where a message was dead-lettered."""
-    return [
+    headers = [
         (H_TOPIC, topic.encode()),
         (H_PARTITION, str(partition).encode()),
         (H_OFFSET, str(offset).encode()),
@@ -67,6 +95,9 @@ def dead_letter_headers(
         (H_ERROR_MESSAGE, str(error)[:2000].encode()),
         (H_TIME, str(time.time_ns() // 1_000_000).encode()),
     ]
+    if key is not None:
+        headers.append((H_KEY, key))
+    return headers
 
 
 async def send_dead_letter(
@@ -82,26 +113,33 @@ async def send_dead_letter(
     error: BaseException,
 ) -> None:
     """Publish one dead letter and wait for the broker to acknowledge it."""
-    extra = dead_letter_headers(topic, partition, offset, error)
+    extra = dead_letter_headers(topic, partition, offset, key, error)
     kept = [h for h in headers if not h[0].startswith("strata.")]
     await producer.send_and_wait(
-        settings.dlq_topic, value=value, key=key, headers=kept + extra
+        settings.dlq_topic,
+        # A compacted topic drops null values: keep an empty one visible.
+        value=value if value is not None else b"",
+        key=position_key(topic, partition, offset),
+        headers=kept + extra,
     )
 
 
-def _parse(
-    offset: int, key: bytes | None, value: bytes | None, headers: Any
-) -> DeadLetter:
-    h = {name: raw.decode(errors="replace") for name, raw in headers}
+def _parse(offset: int, value: bytes, headers: Any) -> DeadLetter:
+    h: dict[str, bytes] = dict(headers)
+
+    def text(name: str, default: str) -> str:
+        raw = h.get(name)
+        return raw.decode(errors="replace") if raw is not None else default
+
     return DeadLetter(
         dlq_offset=offset,
-        source_topic=h.get(H_TOPIC, ""),
-        source_partition=int(h.get(H_PARTITION, "-1")),
-        source_offset=int(h.get(H_OFFSET, "-1")),
-        error_class=h.get(H_ERROR_CLASS, ""),
-        error_message=h.get(H_ERROR_MESSAGE, ""),
-        time_ms=int(h.get(H_TIME, "0")),
-        key=key,
+        source_topic=text(H_TOPIC, ""),
+        source_partition=int(text(H_PARTITION, "-1")),
+        source_offset=int(text(H_OFFSET, "-1")),
+        error_class=text(H_ERROR_CLASS, ""),
+        error_message=text(H_ERROR_MESSAGE, ""),
+        time_ms=int(text(H_TIME, "0")),
+        source_key=h.get(H_KEY),
         value=value,
     )
 
@@ -109,11 +147,10 @@ def _parse(
 async def read_dead_letters(
     settings: Settings, *, timeout_s: float = 30.0
 ) -> list[DeadLetter]:
-    """Every dead letter currently on the topic, oldest first.
+    """Every unresolved dead letter, oldest first.
 
-    A worker that died after dead-lettering but before its checkpoint sends
-    the same message again on restart; duplicates (same source position) are
-    shown once.
+    A letter is resolved when a later tombstone for its key follows it; the
+    same poison sent twice is shown once.
     """
     bootstrap = bootstrap_of(settings)
     consumer = AIOKafkaConsumer(
@@ -123,7 +160,7 @@ async def read_dead_letters(
         isolation_level="read_committed",
     )
     await start_client(consumer, bootstrap, timeout_s)
-    letters: dict[tuple[str, int, int], DeadLetter] = {}
+    letters: dict[bytes, DeadLetter] = {}
     try:
         tp = TopicPartition(settings.dlq_topic, 0)
         consumer.assign([tp])
@@ -132,13 +169,74 @@ async def read_dead_letters(
         while await consumer.position(tp) < end:
             batch = await consumer.getmany(tp, timeout_ms=1000)
             for msg in batch.get(tp, []):
-                letter = _parse(msg.offset, msg.key, msg.value, msg.headers)
-                ident = (
-                    letter.source_topic,
-                    letter.source_partition,
-                    letter.source_offset,
-                )
-                letters.setdefault(ident, letter)
+                if msg.key is None:
+                    continue
+                if msg.value is None:
+                    letters.pop(msg.key, None)
+                elif msg.key not in letters:
+                    letters[msg.key] = _parse(msg.offset, msg.value, msg.headers)
     finally:
         await consumer.stop()
-    return list(letters.values())
+    return sorted(letters.values(), key=lambda d: d.dlq_offset)
+
+
+async def replay_dead_letters(
+    settings: Settings, keystore: LocalKeystore, *, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """Send back to the memory topic every dead letter that now applies.
+
+    A letter that still fails validation stays, and the report says why. A
+    replayed letter is resolved with a tombstone once its event is
+    acknowledged on the memory topic; the L2 projection applies an event id
+    once, so a replay that is interrupted and run again doubles nothing.
+    """
+    letters = await read_dead_letters(settings, timeout_s=timeout_s)
+    codec = Codec()
+    bootstrap = bootstrap_of(settings)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
+    )
+    await start_client(producer, bootstrap, timeout_s)
+    replayed: list[dict[str, Any]] = []
+    still: list[dict[str, Any]] = []
+    try:
+        for letter in letters:
+            where = letter.to_dict()["source"]
+            try:
+                decode_and_validate(
+                    codec, letter.value, letter.source_key, settings, keystore
+                )
+            except (CodecError, ApplyError) as exc:
+                still.append(
+                    {**where, "error_class": type(exc).__name__, "error": str(exc)}
+                )
+                continue
+            origin = f"{settings.dlq_topic}@{letter.dlq_offset}".encode()
+            meta = await producer.send_and_wait(
+                settings.memory_topic,
+                value=letter.value,
+                key=letter.source_key,
+                headers=[(H_REPLAYED_FROM, origin)],
+            )
+            await producer.send_and_wait(
+                settings.dlq_topic, key=letter.dlq_key, value=None
+            )
+            replayed.append(
+                {**where, "new_partition": meta.partition, "new_offset": meta.offset}
+            )
+            log.info(
+                "dlq.replayed",
+                source_partition=letter.source_partition,
+                source_offset=letter.source_offset,
+                partition=meta.partition,
+                offset=meta.offset,
+            )
+    finally:
+        await producer.stop()
+    return {
+        "count": len(letters),
+        "replayed": len(replayed),
+        "still_failing": len(still),
+        "messages": replayed,
+        "errors": still,
+    }

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from consumers.dlq import send_dead_letter
+from consumers.validation import decode_and_validate
 from projections.base import Envelope, FollowerProjection, Outcome
 from projections.l1 import L1Cache
 from projections.l2 import L2Projection, StoredRecord
@@ -44,9 +47,6 @@ from strata.paths import StorePaths
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-#: Ciphertext carries a 16-byte GCM tag on top of the plaintext.
-_TAG = 16
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Worker:
         until_caught_up: bool = False,
         max_batch: int = 2000,
         metrics: WorkerMetrics | None = None,
+        dead_letters: bool = True,
     ) -> None:
         self.settings = settings
         self.group = group or f"{settings.topic_prefix}.workers"
@@ -111,6 +112,9 @@ class Worker:
         self.l2: L2Projection | None = None
         self.followers = build_followers(self.paths)
         self.assigned = asyncio.Event()
+        self.dead_letters_enabled = dead_letters
+        self._state_file = self.paths.workers / f"{os.getpid()}-{id(self):x}.json"
+        self._state_written = 0.0
 
     def request_stop(self) -> None:
         """Ask the worker to finish its batch, commit and leave the group."""
@@ -150,7 +154,7 @@ class Worker:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_interval_ms=600_000,
-            session_timeout_ms=10_000,
+            session_timeout_ms=self.settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=1_000,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
@@ -177,6 +181,7 @@ class Worker:
             self._dlq = None
         if self.l2 is not None:
             self.l2.close()
+        self._remove_state()
         log.info("worker.stopped", **self.report.to_dict())
 
     async def _loop(self, targets: dict[int, int]) -> None:
@@ -189,6 +194,7 @@ class Worker:
             fetch = asyncio.ensure_future(
                 self._consumer.getmany(timeout_ms=500, max_records=self.max_batch)
             )
+            self._write_state()
             done, _ = await asyncio.wait(
                 {stop_wait, fetch}, return_when=asyncio.FIRST_COMPLETED
             )
@@ -282,14 +288,13 @@ class Worker:
         envelopes: list[Envelope] = []
         for msg in messages:
             try:
-                value = msg.value
-                if value is None:
-                    raise CodecError("message has no value (a tombstone)")
-                event = self.codec.decode(value)
-                self._validate(event, msg.key)
+                event = decode_and_validate(
+                    self.codec, msg.value, msg.key, self.settings, self.keystore
+                )
             except (CodecError, ApplyError) as exc:
                 await self._dead_letter(tp, msg, exc)
                 continue
+            value: bytes = msg.value
             envelopes.append(
                 Envelope(
                     tp.partition,
@@ -301,38 +306,20 @@ class Worker:
             )
         return envelopes
 
-    def _validate(self, event: Any, key: bytes | None) -> None:
-        """Refuse what decodes but cannot be applied; the reason names the field."""
-        if not event.tenant:
-            raise ApplyError("field tenant is empty")
-        if isinstance(event, TenantErased):
-            return
-        if not event.key:
-            raise ApplyError("field key is empty")
-        if key is not None and key != event.message_key:
-            raise ApplyError(
-                f"message key {key[:200]!r} does not match the event's tenant/key"
-            )
-        if isinstance(event, MemoryWritten) or hasattr(event, "ciphertext"):
-            limit = self.settings.max_payload_bytes + _TAG
-            if len(event.ciphertext) > limit:
-                raise ApplyError(
-                    f"field ciphertext is {len(event.ciphertext)} bytes; the limit is {limit}"
-                )
-            if not self.keystore.is_erased(
-                event.tenant
-            ) and not self.keystore.has_version(
-                event.tenant, event.key_id, event.key_version
-            ):
-                raise ApplyError(
-                    f"fields key_id/key_version: tenant {event.tenant!r} has no key "
-                    f"{event.key_id} v{event.key_version}"
-                )
-
     async def _dead_letter(
         self, tp: TopicPartition, msg: ConsumerRecord, error: StrataError
     ) -> None:
         assert self._dlq is not None
+        if not self.dead_letters_enabled:
+            # A rebuild meets the poison the live worker already dead-lettered.
+            log.info(
+                "worker.poison_skipped",
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=msg.offset,
+                error_class=type(error).__name__,
+            )
+            return
         await send_dead_letter(
             self._dlq,
             self.settings,
@@ -400,6 +387,7 @@ class Worker:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             self.blocked[projection] = str(error)
+            self._write_state(force=True)
             self.metrics.blocked.labels(projection).set(1)
             self.metrics.store_retries.labels(projection).inc()
             log.warning(
@@ -420,9 +408,55 @@ class Worker:
         result: T = await retrying(attempt)
         if projection in self.blocked:
             del self.blocked[projection]
+            self._write_state(force=True)
             self.metrics.blocked.labels(projection).set(0)
             log.info("worker.store_unblocked", projection=projection)
         return result
+
+    # -- state for `strata status` ---------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What this worker is doing, as `strata status` shows it."""
+        return {
+            "pid": os.getpid(),
+            "group": self.group,
+            "partitions": sorted(tp.partition for tp in self._owned),
+            "blocked": dict(self.blocked),
+            "events_applied": self.report.events_applied,
+            "dead_letters": self.report.dead_letters,
+            "updated_ms": time.time_ns() // 1_000_000,
+        }
+
+    def _write_state(self, *, force: bool = False) -> None:
+        """Refresh the state file, at most once a second unless forced.
+
+        Failing to write it is reported and otherwise ignored: it is a view
+        for operators, and a full disk must not stop projection on its account.
+        """
+        now = time.monotonic()
+        if not force and now - self._state_written < 1.0:
+            return
+        self._state_written = now
+        try:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state()))
+            os.replace(tmp, self._state_file)
+        except OSError as exc:
+            log.warning(
+                "worker.state_unwritable",
+                path=str(self._state_file),
+                error=str(exc),
+                consequence="`strata status` shows stale worker state",
+            )
+
+    def _remove_state(self) -> None:
+        try:
+            self._state_file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning(
+                "worker.state_not_removed", path=str(self._state_file), error=str(exc)
+            )
 
     # -- rebalances ----------------------------------------------------------
 
@@ -451,6 +485,7 @@ class Worker:
             )
         self._owned |= assigned
         self.assigned.set()
+        self._write_state(force=True)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS history_position ON history (partition, offset);
 CREATE INDEX IF NOT EXISTS history_key ON history (tenant, key, version);
+CREATE INDEX IF NOT EXISTS history_event ON history (event_id);
 CREATE TABLE IF NOT EXISTS records (
     tenant     TEXT NOT NULL,
     key        TEXT NOT NULL,
@@ -276,6 +277,15 @@ class L2Projection:
             return self._erase(env, event)
         if event.tenant in self._erased:
             return self._history(env, 0, "rejected", "tenant erased")
+        # An event published twice (a dead letter replayed after its cause was
+        # fixed, a re-run import) applies once: the first occurrence wins.
+        if self._conn.execute(
+            "SELECT 1 FROM history WHERE event_id = ? LIMIT 1", (event.event_id,)
+        ).fetchone():
+            current = self._current(event.tenant, getattr(event, "key", ""))
+            return self._history(
+                env, current[0] if current else 0, "rejected", "duplicate event id"
+            )
         if isinstance(event, MemoryWritten | MemoryDeleted):
             return self._write_or_delete(env, event)
         if isinstance(event, MemoryReencrypted):

@@ -148,8 +148,8 @@ class Codec:
                 record = fastavro.schemaless_reader(body, writer.parsed, reader.parsed)
         except (EOFError, StopIteration) as exc:
             raise MalformedEventError(
-                f"{writer.name} v{writer.version}: truncated after "
-                f"{body.tell()} of {len(data) - HEADER_SIZE} body bytes"
+                f"{writer.name} v{writer.version}: body ends early: its "
+                f"{len(data) - HEADER_SIZE} bytes do not hold a whole record"
             ) from exc
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise MalformedEventError(

@@ -397,6 +397,11 @@ def status_cmd(as_json: JsonOpt = False) -> None:
                 f"{p['end_offset']:>10} {p['lag']:>8}"
             )
         print(f"dead letters: {obj['dlq']}")
+        for w in obj["workers"]:
+            state = "alive" if w["alive"] else "gone"
+            print(f"worker pid {w['pid']} ({state}): partitions {w['partitions']}")
+            for projection, error in w["blocked"].items():
+                print(f"  BLOCKED on {projection}: {error}")
 
     _emit(as_json, obj, human)
 

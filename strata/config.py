@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     l1_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
     sqlite_synchronous: str = "FULL"
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
 
     @field_validator("topic_prefix")
     @classmethod

@@ -53,3 +53,12 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # The first group operation on a fresh broker creates __consumer_offsets;
+    # aiokafka logs the expected "coordinator not available" retry as an error.
+    logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(
+        _transient_filter
+    )
+
+
+def _transient_filter(record: logging.LogRecord) -> bool:
+    return "GroupCoordinatorNotAvailable" not in record.getMessage()

@@ -31,3 +31,8 @@ class StorePaths:
     def keys(self) -> Path:
         """The local keystore folder."""
         return self.root / "keys"
+
+    @property
+    def workers(self) -> Path:
+        """State files of running workers, read by `strata status`."""
+        return self.root / "workers"

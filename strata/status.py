@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
+import structlog
+
+from consumers.dlq import read_dead_letters
 from projections.l2 import L2Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
 from strata.kafka import end_offsets
 from strata.paths import StorePaths
+
+log = structlog.get_logger(__name__)
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -35,10 +42,45 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                 "lag": max(0, end - min(ckpts.values())),
             }
         )
-    dlq = sum(end for tp, end in ends.items() if tp.topic == settings.dlq_topic)
+    dlq = (
+        len(await read_dead_letters(settings))
+        if any(end for tp, end in ends.items() if tp.topic == settings.dlq_topic)
+        else 0
+    )
+    workers = read_worker_states(paths)
     return {
         "topic": settings.memory_topic,
         "partitions": partitions,
         "lag": sum(p["lag"] for p in partitions),
         "dlq": dlq,
+        "workers": workers,
+        "blocked": any(w["blocked"] for w in workers if w["alive"]),
     }
+
+
+def read_worker_states(paths: StorePaths) -> list[dict[str, Any]]:
+    """State files of workers using this data dir; ``alive`` when the pid runs."""
+    states = []
+    for path in sorted(paths.workers.glob("*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "status.worker_state_unreadable", path=str(path), error=str(exc)
+            )
+            continue
+        state["alive"] = _pid_alive(int(state.get("pid", 0)))
+        states.append(state)
+    return states
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -72,7 +72,7 @@ def settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
         kafka_bootstrap=kafka_bootstrap,
         data_dir=tmp_path / "data",
         topic_prefix=f"test-{uuid.uuid4().hex[:12]}",
-        partitions=3,
+        partitions=6,
         sqlite_synchronous="NORMAL",
     )
 

@@ -29,6 +29,30 @@ def dlq_list_cmd(as_json: JsonOpt = False) -> None:
     )
 
 
+@dlq_app.command("replay")
+def dlq_replay_cmd(as_json: JsonOpt = False) -> None:
+    """Send back every dead letter that now applies; keep and explain the rest."""
+    from consumers.dlq import replay_dead_letters
+    from strata.keystore import LocalKeystore
+    from strata.paths import StorePaths
+
+    cfg = settings()
+    keystore = LocalKeystore(StorePaths(cfg.data_dir).keys, cfg.master_key_path)
+    result = run(replay_dead_letters(cfg, keystore))
+    emit(
+        as_json,
+        result,
+        lambda: print(
+            f"replayed {result['replayed']} of {result['count']} dead letters; "
+            f"{result['still_failing']} still fail"
+            + "".join(
+                f"\n  {e['topic']}[{e['partition']}]@{e['offset']}: {e['error']}"
+                for e in result["errors"]
+            )
+        ),
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add `strata dlq` to the command."""
     app.add_typer(dlq_app, name="dlq")

@@ -1,0 +1,73 @@
+"""Checks an event must pass before any projection applies it.
+
+An event that decodes but fails here goes to the dead-letter topic with the
+reason, naming the field. The same checks run when `strata dlq replay` decides
+whether a dead letter now applies.
+"""
+
+from __future__ import annotations
+
+from schemas.codec import Codec
+from schemas.events import Event, TenantErased
+from strata.config import Settings
+from strata.errors import ApplyError, CodecError
+from strata.keystore import LocalKeystore
+
+#: AES-GCM appends a 16-byte tag to the plaintext.
+GCM_TAG_BYTES = 16
+
+
+def validate_event(
+    event: Event, message_key: bytes | None, settings: Settings, keystore: LocalKeystore
+) -> None:
+    """Refuse an event that decodes but cannot be applied.
+
+    Raises:
+        ApplyError: naming the field that is wrong.
+    """
+    if not event.tenant:
+        raise ApplyError("field tenant is empty")
+    if isinstance(event, TenantErased):
+        return
+    if not event.key:
+        raise ApplyError("field key is empty")
+    if message_key is not None and message_key != event.message_key:
+        raise ApplyError(
+            f"message key {message_key[:200]!r} does not match the event's tenant/key"
+        )
+    ciphertext = getattr(event, "ciphertext", None)
+    if ciphertext is None:
+        return
+    limit = settings.max_payload_bytes + GCM_TAG_BYTES
+    if len(ciphertext) > limit:
+        raise ApplyError(
+            f"field ciphertext is {len(ciphertext)} bytes; the limit is {limit}"
+        )
+    key_id: str = getattr(event, "key_id")  # noqa: B009 - present with ciphertext
+    version: int = getattr(event, "key_version")  # noqa: B009
+    if not keystore.is_erased(event.tenant) and not keystore.has_version(
+        event.tenant, key_id, version
+    ):
+        raise ApplyError(
+            f"fields key_id/key_version: tenant {event.tenant!r} has no key {key_id} v{version}"
+        )
+
+
+def decode_and_validate(
+    codec: Codec,
+    value: bytes | None,
+    message_key: bytes | None,
+    settings: Settings,
+    keystore: LocalKeystore,
+) -> Event:
+    """Decode a message value and validate the event.
+
+    Raises:
+        CodecError: the bytes are not a valid event.
+        ApplyError: the event cannot be applied.
+    """
+    if value is None:
+        raise CodecError("message has no value (a tombstone)")
+    event = codec.decode(value)
+    validate_event(event, message_key, settings, keystore)
+    return event

@@ -1,0 +1,116 @@
+"""Poison events go to the dead-letter topic with their reason; the partition moves on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from consumers.dlq import read_dead_letters
+from consumers.worker import Worker
+from producers.producer import MemoryProducer
+from projections.reader import Reader
+from schemas.codec import MARKER, Codec
+from schemas.events import MemoryDeleted
+from strata.config import Settings
+from strata.keystore import LocalKeystore
+from strata.paths import StorePaths
+from tests.helpers import wait_caught_up
+
+
+async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
+    topics: Settings, keystore: LocalKeystore, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Bad bytes, unknown schema, wrong types, unknown key version, oversize, tombstone."""
+    worker_settings = topics.model_copy(update={"max_payload_bytes": 2000})
+    cli_env = {**cli_env, "STRATA_MAX_PAYLOAD_BYTES": "2000"}
+    codec = Codec()
+    # A producer whose keystore is ahead of the worker's (it has key v7 of
+    # acme, the worker's copy stops at v1): its write cannot be applied yet.
+    keystore.primary("acme")
+    keys_dir = StorePaths(topics.data_dir).keys
+    ahead_dir = tmp_path / "ahead-keys"
+    shutil.copytree(keys_dir, ahead_dir)
+    ahead = LocalKeystore(ahead_dir, topics.master_key_path)
+    for _ in range(6):
+        ahead.rotate("acme")
+    async with MemoryProducer(topics, ahead) as early:
+        unknown_version = early.seal_write("acme", "k/unknown-version", "needs key v7")
+    assert unknown_version.key_version == 7
+    async with MemoryProducer(topics, keystore) as good:
+        seal = good.seal_write
+        oversized = seal("acme", "k/oversized", "x" * 5000)
+        deleted = codec.encode(MemoryDeleted("d-1", "acme", "k/x", "a", 1))
+        written_fp = codec.registry.latest("MemoryWritten").fingerprint
+        poison: list[tuple[bytes, bytes | None, str, str]] = [
+            (b"acme/raw", b"not avro at all", "MalformedEventError", "marker"),
+            (b"acme/fp", MARKER + b"\x01" * 8 + b"\x02\x04", "UnknownSchemaError", "0101010101010101"),
+            (b"acme/type", MARKER + written_fp + deleted[10:], "MalformedEventError", "MemoryWritten v1"),
+            (unknown_version.message_key, codec.encode(unknown_version), "ApplyError", "key_version"),
+            (oversized.message_key, codec.encode(oversized), "ApplyError", "ciphertext is 5016 bytes"),
+            (b"acme/tombstone", None, "CodecError", "tombstone"),
+        ]
+        raw = AIOKafkaProducer(bootstrap_servers=topics.kafka_bootstrap, enable_idempotence=True)
+        await raw.start()
+        try:
+            expected_good = []
+            for i, (key, value, _, _) in enumerate(poison):
+                token = await good.write("acme", f"good/{i}", f"good value {i}")
+                expected_good.append((f"good/{i}", f"good value {i}", token))
+                await raw.send_and_wait(topics.memory_topic, value=value, key=key)
+            await good.write("acme", "good/last", "after the poison")
+        finally:
+            await raw.stop()
+
+    worker = Worker(worker_settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_caught_up(topics, timeout_s=60)
+        reader = Reader(StorePaths(topics.data_dir).l2_db, keystore)
+        for key, text, _ in expected_good:
+            assert reader.get("acme", key).payload.decode() == text
+        assert reader.get("acme", "good/last").payload == b"after the poison"
+        assert worker.report.dead_letters == len(poison)
+
+        letters = await read_dead_letters(topics)
+        assert len(letters) == len(poison)
+        by_key = {d.source_key: d for d in letters}
+        for key, value, error_class, reason in poison:
+            letter = by_key[key]
+            assert letter.error_class == error_class, letter
+            assert reason in letter.error_message, letter
+            assert letter.source_topic == topics.memory_topic
+            assert letter.value == (value or b"")
+            assert letter.source_offset >= 0
+
+        listed = subprocess.run(
+            [sys.executable, "-m", "strata", "dlq", "list", "--json"],
+            env=cli_env, capture_output=True, text=True, timeout=60, check=True,
+        )
+        assert json.loads(listed.stdout)["count"] == len(poison)
+
+        # Fix one cause: the worker's keystore catches up; replay sends it back.
+        shutil.copy(ahead_dir / "keystore.json", keys_dir / "keystore.json")
+        replay = subprocess.run(
+            [sys.executable, "-m", "strata", "dlq", "replay", "--json"],
+            env=cli_env, capture_output=True, text=True, timeout=60, check=True,
+        )
+        result = json.loads(replay.stdout)
+        assert result["replayed"] == 1
+        assert result["still_failing"] == len(poison) - 1
+        await wait_caught_up(topics, timeout_s=60)
+        assert reader.get("acme", "k/unknown-version").payload == b"needs key v7"
+        assert not task.done(), "the worker must still be running"
+        remaining = await read_dead_letters(topics)
+        assert {d.source_key for d in remaining} == {k for k, *_ in poison} - {
+            unknown_version.message_key
+        }
+        reader.close()
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
