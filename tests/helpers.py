@@ -15,7 +15,9 @@ from strata.kafka import end_offsets
 from strata.paths import StorePaths
 
 
-def start_worker_process(env: dict[str, str], group: str, *extra: str) -> subprocess.Popen[bytes]:
+def start_worker_process(
+    env: dict[str, str], group: str, *extra: str
+) -> subprocess.Popen[bytes]:
     """Run `strata worker` in its own process, as an operator would."""
     return subprocess.Popen(
         [sys.executable, "-m", "strata", "worker", "--group", group, *extra],
@@ -46,7 +48,9 @@ async def wait_caught_up(settings: Settings, *, timeout_s: float = 120.0) -> Non
     deadline = time.monotonic() + timeout_s
     while applied_offsets(paths) < target:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"projected {applied_offsets(paths)} of {target} offsets")
+            raise TimeoutError(
+                f"projected {applied_offsets(paths)} of {target} offsets"
+            )
         await asyncio.sleep(0.1)
 
 

@@ -42,7 +42,9 @@ async def _kill_at_random_points(
         try:
             deadline = time.monotonic() + 120
             while applied_offsets(paths) < target:
-                assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                assert proc.poll() is None, (
+                    proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                )
                 assert time.monotonic() < deadline, f"no progress to {target}"
                 await asyncio.sleep(0.005)
             # A random extra delay lands the kill anywhere in the batch cycle.
@@ -67,16 +69,25 @@ async def _assert_exactly_once(settings: Settings, tmp_path: Path, events: int) 
 
 
 async def _crash_loop(
-    topics: Settings, cli_env: dict[str, str], tmp_path: Path, *, events: int, kills: int
+    topics: Settings,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    *,
+    events: int,
+    kills: int,
 ) -> None:
-    await publish_synthetic(topics, events=events, tenants=4, size=200, seed=5, keys=3000)
+    await publish_synthetic(
+        topics, events=events, tenants=4, size=200, seed=5, keys=3000
+    )
     env = env_with(cli_env, **FAST_SESSION)
 
     killed_at = await _kill_at_random_points(topics, env, events, kills, seed=kills)
 
     assert len(killed_at) == kills
     assert all(k < events for k in killed_at), killed_at
-    final = start_worker_process(env, f"{topics.topic_prefix}.crash", "--until-caught-up")
+    final = start_worker_process(
+        env, f"{topics.topic_prefix}.crash", "--until-caught-up"
+    )
     try:
         assert final.wait(timeout=300) == 0
     finally:
@@ -111,7 +122,15 @@ async def test_two_workers_one_killed_third_joins(
     third = None
     try:
         writer = asyncio.create_task(
-            publish_synthetic(settings, events=6000, tenants=3, size=200, seed=9, keys=500, in_flight=200)
+            publish_synthetic(
+                settings,
+                events=6000,
+                tenants=3,
+                size=200,
+                seed=9,
+                keys=500,
+                in_flight=200,
+            )
         )
         paths = StorePaths(settings.data_dir)
         deadline = time.monotonic() + 120

@@ -49,13 +49,35 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
         written_fp = codec.registry.latest("MemoryWritten").fingerprint
         poison: list[tuple[bytes, bytes | None, str, str]] = [
             (b"acme/raw", b"not avro at all", "MalformedEventError", "marker"),
-            (b"acme/fp", MARKER + b"\x01" * 8 + b"\x02\x04", "UnknownSchemaError", "0101010101010101"),
-            (b"acme/type", MARKER + written_fp + deleted[10:], "MalformedEventError", "MemoryWritten v1"),
-            (unknown_version.message_key, codec.encode(unknown_version), "ApplyError", "key_version"),
-            (oversized.message_key, codec.encode(oversized), "ApplyError", "ciphertext is 5016 bytes"),
+            (
+                b"acme/fp",
+                MARKER + b"\x01" * 8 + b"\x02\x04",
+                "UnknownSchemaError",
+                "0101010101010101",
+            ),
+            (
+                b"acme/type",
+                MARKER + written_fp + deleted[10:],
+                "MalformedEventError",
+                "MemoryWritten v1",
+            ),
+            (
+                unknown_version.message_key,
+                codec.encode(unknown_version),
+                "ApplyError",
+                "key_version",
+            ),
+            (
+                oversized.message_key,
+                codec.encode(oversized),
+                "ApplyError",
+                "ciphertext is 5016 bytes",
+            ),
             (b"acme/tombstone", None, "CodecError", "tombstone"),
         ]
-        raw = AIOKafkaProducer(bootstrap_servers=topics.kafka_bootstrap, enable_idempotence=True)
+        raw = AIOKafkaProducer(
+            bootstrap_servers=topics.kafka_bootstrap, enable_idempotence=True
+        )
         await raw.start()
         try:
             expected_good = []
@@ -90,7 +112,11 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
 
         listed = subprocess.run(
             [sys.executable, "-m", "strata", "dlq", "list", "--json"],
-            env=cli_env, capture_output=True, text=True, timeout=60, check=True,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         assert json.loads(listed.stdout)["count"] == len(poison)
 
@@ -98,7 +124,11 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
         shutil.copy(ahead_dir / "keystore.json", keys_dir / "keystore.json")
         replay = subprocess.run(
             [sys.executable, "-m", "strata", "dlq", "replay", "--json"],
-            env=cli_env, capture_output=True, text=True, timeout=60, check=True,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         result = json.loads(replay.stdout)
         assert result["replayed"] == 1

@@ -1,0 +1,248 @@
+"""Store faults block commits and heal by themselves; a broker outage loses nothing;
+conflicting writes are decided by the log, the same way on every replay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumers.worker import Worker
+from producers.producer import MemoryProducer
+from projections.ledger import verify_ledger
+from projections.registry import digests
+from strata.broker import broker_down, broker_up
+from strata.commands.rebuild import rebuild
+from strata.config import Settings
+from strata.kafka import ensure_topics
+from strata.keystore import LocalKeystore
+from strata.paths import StorePaths
+from tests.helpers import history_duplicates, wait_caught_up
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """Mount a size-capped tmpfs at ``path``: a disk that can really fill up."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file until the file system is full; return it."""
+    filler = folder / "filler"
+    with filler.open("wb") as out:
+        chunk = b"\0" * 65536
+        with contextlib.suppress(OSError):
+            while True:
+                out.write(chunk)
+                out.flush()
+    return filler
+
+
+async def committed_offsets(settings: Settings, group: str) -> dict[int, int | None]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        return {
+            p: await consumer.committed(TopicPartition(settings.memory_topic, p))
+            for p in range(settings.partitions)
+        }
+    finally:
+        await consumer.stop()
+
+
+async def _write_many(
+    settings: Settings, keystore: LocalKeystore, count: int, prefix: str
+) -> None:
+    async with MemoryProducer(settings, keystore) as producer:
+        await asyncio.gather(
+            *[
+                await producer.publish(
+                    producer.seal_write(
+                        "acme", f"{prefix}/{i % 50}", "v" * 400, cls="ops"
+                    )
+                )
+                for i in range(count)
+            ]
+        )
+
+
+async def test_full_disk_blocks_commits_then_resumes(
+    topics: Settings, keystore: LocalKeystore, cli_env: dict[str, str]
+) -> None:
+    """L2 on a full disk: no checkpoint or commit moves, status says blocked, then heals."""
+    paths = StorePaths(topics.data_dir)
+    with small_tmpfs(paths.l2_db.parent, "3m"):
+        worker = Worker(topics)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _write_many(topics, keystore, 200, "before")
+            await wait_caught_up(topics, timeout_s=60)
+            filler = fill_disk(paths.l2_db.parent)
+            with sqlite3.connect(paths.l2_db) as db:
+                before_l2 = dict(
+                    db.execute("SELECT partition, next_offset FROM checkpoints")
+                )
+            before_commits = await committed_offsets(topics, worker.group)
+
+            await _write_many(topics, keystore, 600, "during")
+            deadline = time.monotonic() + 30
+            while "l2" not in worker.blocked:
+                assert time.monotonic() < deadline, (
+                    "the worker never reported the full disk"
+                )
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2)
+
+            assert "full" in worker.blocked["l2"]
+            with sqlite3.connect(paths.l2_db) as db:
+                assert (
+                    dict(db.execute("SELECT partition, next_offset FROM checkpoints"))
+                    == before_l2
+                )
+            assert await committed_offsets(topics, worker.group) == before_commits
+            status = subprocess.run(
+                [sys.executable, "-m", "strata", "status", "--json"],
+                env=cli_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            reported = json.loads(status.stdout)
+            assert reported["blocked"] is True
+            assert reported["lag"] > 0
+
+            filler.unlink()
+            await wait_caught_up(topics, timeout_s=60)
+            assert worker.blocked == {}
+            assert worker.report.events_applied == 800
+            assert await committed_offsets(topics, worker.group) != before_commits
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, timeout=30)
+        assert history_duplicates(paths.l2_db) == []
+        ledger = verify_ledger(paths.ledger)
+        assert ledger.ok
+        assert ledger.entries == 800
+
+
+async def test_broker_outage_of_ten_seconds_loses_nothing(
+    tmp_path: Path, keystore: LocalKeystore, settings: Settings
+) -> None:
+    """Stop the broker mid-stream for 10 s: producer and worker reconnect; all applied once."""
+    broker_dir = tmp_path / "own-broker"
+    info, _ = broker_up(broker_dir)
+    own = settings.model_copy(update={"kafka_bootstrap": info.bootstrap})
+    try:
+        await ensure_topics(own)
+        worker = Worker(own)
+        worker_task = asyncio.create_task(worker.run())
+        sent: list[str] = []
+
+        async def publish_steadily() -> None:
+            async with MemoryProducer(own, keystore) as producer:
+                for i in range(400):
+                    event = producer.seal_write(
+                        "acme", f"steady/{i % 40}", f"value {i}"
+                    )
+                    while True:
+                        try:
+                            await asyncio.wait_for(
+                                await producer.publish(event), timeout=40
+                            )
+                            break
+                        except (KafkaError, TimeoutError):
+                            # Resend the same event: its id makes a duplicate harmless.
+                            await asyncio.sleep(0.5)
+                    sent.append(event.event_id)
+                    await asyncio.sleep(0.01)
+
+        writer = asyncio.create_task(publish_steadily())
+        while len(sent) < 100:
+            await asyncio.sleep(0.05)
+        broker_down(broker_dir)
+        await asyncio.sleep(10)
+        restarted, _ = broker_up(broker_dir)
+        assert restarted.bootstrap == info.bootstrap
+        await asyncio.wait_for(writer, timeout=180)
+        await wait_caught_up(own, timeout_s=120)
+        worker.request_stop()
+        await asyncio.wait_for(worker_task, timeout=60)
+    finally:
+        broker_down(broker_dir)
+
+    paths = StorePaths(own.data_dir)
+    with sqlite3.connect(paths.l2_db) as db:
+        written = dict(
+            db.execute(
+                "SELECT event_id, COUNT(*) FROM history WHERE action = 'written' GROUP BY event_id"
+            )
+        )
+    assert len(sent) == 400
+    assert set(written) == set(sent)
+    assert set(written.values()) == {1}
+    assert history_duplicates(paths.l2_db) == []
+    assert verify_ledger(paths.ledger).ok
+
+
+async def test_racing_writers_with_expected_versions(
+    topics: Settings, keystore: LocalKeystore, tmp_path: Path
+) -> None:
+    """Five writers race for versions 1-10 of one key: one wins each, on replay too."""
+
+    async def writer(name: str) -> None:
+        async with MemoryProducer(topics, keystore) as producer:
+            for expected in range(10):
+                await producer.write(
+                    "acme",
+                    "shared/counter",
+                    f"{name} at {expected}",
+                    agent=name,
+                    expected_version=expected,
+                )
+
+    await asyncio.gather(*(writer(f"agent-{i}") for i in range(5)))
+    await Worker(topics, until_caught_up=True).run()
+
+    paths = StorePaths(topics.data_dir)
+    with sqlite3.connect(paths.l2_db) as db:
+        rows = db.execute(
+            "SELECT version, action, expected_version, reason FROM history "
+            "WHERE tenant = 'acme' AND key = 'shared/counter' ORDER BY offset"
+        ).fetchall()
+    written = [r for r in rows if r[1] == "written"]
+    rejected = [r for r in rows if r[1] == "rejected"]
+    assert [r[0] for r in written] == list(range(1, 11))
+    assert all(r[2] == r[0] - 1 for r in written)
+    assert len(rejected) == 40
+    assert all(r[3].startswith("expected version") for r in rejected)
+
+    fresh = topics.model_copy(update={"data_dir": tmp_path / "replayed"})
+    rebuilt = await rebuild(topics, fresh, show_progress=False)
+    assert rebuilt["projections"] == digests(paths)
