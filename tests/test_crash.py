@@ -148,3 +148,77 @@ async def test_two_workers_one_killed_third_joins(
     finally:
         kill_all(first, second, *(p for p in [third] if p is not None))
     await _assert_exactly_once(settings, tmp_path, 6000)
+
+
+async def test_sigterm_finishes_batch_commits_and_exits_zero(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """SIGTERM mid-stream: exit 0 with the group's commits equal to the checkpoints."""
+    from tests.test_faults import committed_offsets
+
+    await publish_synthetic(topics, events=8000, tenants=2, size=200, seed=2, keys=800)
+    group = f"{topics.topic_prefix}.term"
+    proc = start_worker_process(env_with(cli_env), group)
+    paths = StorePaths(topics.data_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while applied_offsets(paths) < 2000:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        kill_all(proc)
+
+    import sqlite3
+
+    with sqlite3.connect(paths.l2_db) as db:
+        l2 = dict(db.execute("SELECT partition, next_offset FROM checkpoints"))
+    commits = await committed_offsets(topics, group)
+    assert commits == {p: l2.get(p, 0) for p in commits}
+    assert sum(l2.values()) >= 2000
+    assert not list(paths.workers.glob("*.json")), (
+        "a stopped worker leaves no state file"
+    )
+
+
+@pytest.mark.parametrize("projection", ["l2", "ledger"])
+async def test_rebuild_one_projection_in_place(
+    topics: Settings, cli_env: dict[str, str], projection: str
+) -> None:
+    """`strata rebuild --projection NAME` drops one projection and replays it to the same state."""
+    import json
+    import subprocess
+    import sys
+
+    await publish_synthetic(topics, events=1500, tenants=2, size=100, seed=4, keys=100)
+    done = start_worker_process(
+        env_with(cli_env), f"{topics.topic_prefix}.w", "--until-caught-up"
+    )
+    try:
+        assert done.wait(timeout=120) == 0
+    finally:
+        kill_all(done)
+    paths = StorePaths(topics.data_dir)
+    before = digests(paths)
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "strata",
+            "rebuild",
+            "--projection",
+            projection,
+            "--json",
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["projections"] == before
+    assert digests(paths) == before
