@@ -18,9 +18,17 @@ GCM_TAG_BYTES = 16
 
 
 def validate_event(
-    event: Event, message_key: bytes | None, settings: Settings, keystore: LocalKeystore
+    event: Event,
+    message_key: bytes | None,
+    settings: Settings,
+    keystore: LocalKeystore,
+    known_keys: dict[tuple[str, str, int], bool] | None = None,
 ) -> None:
     """Refuse an event that decodes but cannot be applied.
+
+    Args:
+        known_keys: a cache of key-version checks, shared across one batch so
+            the keystore is consulted once per (tenant, key id, version).
 
     Raises:
         ApplyError: naming the field that is wrong.
@@ -45,9 +53,13 @@ def validate_event(
         )
     key_id: str = getattr(event, "key_id")  # noqa: B009 - present with ciphertext
     version: int = getattr(event, "key_version")  # noqa: B009
-    if not keystore.is_erased(event.tenant) and not keystore.has_version(
-        event.tenant, key_id, version
-    ):
+    ident = (event.tenant, key_id, version)
+    usable = known_keys.get(ident) if known_keys is not None else None
+    if usable is None:
+        usable = keystore.is_erased(event.tenant) or keystore.has_version(*ident)
+        if known_keys is not None:
+            known_keys[ident] = usable
+    if not usable:
         raise ApplyError(
             f"fields key_id/key_version: tenant {event.tenant!r} has no key {key_id} v{version}"
         )
@@ -59,6 +71,7 @@ def decode_and_validate(
     message_key: bytes | None,
     settings: Settings,
     keystore: LocalKeystore,
+    known_keys: dict[tuple[str, str, int], bool] | None = None,
 ) -> Event:
     """Decode a message value and validate the event.
 
@@ -69,5 +82,5 @@ def decode_and_validate(
     if value is None:
         raise CodecError("message has no value (a tombstone)")
     event = codec.decode(value)
-    validate_event(event, message_key, settings, keystore)
+    validate_event(event, message_key, settings, keystore, known_keys)
     return event

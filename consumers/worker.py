@@ -286,10 +286,16 @@ class Worker:
         self, tp: TopicPartition, messages: Sequence[ConsumerRecord]
     ) -> list[Envelope]:
         envelopes: list[Envelope] = []
+        known_keys: dict[tuple[str, str, int], bool] = {}
         for msg in messages:
             try:
                 event = decode_and_validate(
-                    self.codec, msg.value, msg.key, self.settings, self.keystore
+                    self.codec,
+                    msg.value,
+                    msg.key,
+                    self.settings,
+                    self.keystore,
+                    known_keys,
                 )
             except (CodecError, ApplyError) as exc:
                 await self._dead_letter(tp, msg, exc)

@@ -85,6 +85,31 @@ CREATE TABLE IF NOT EXISTS erased (
 );
 """
 
+#: (version, deleted, tier, class) of one key.
+_KeyState = tuple[int, bool, str, str]
+
+_INSERT_HISTORY = (
+    "INSERT INTO history (id, tenant, key, version, action, reason, event_id, agent, "
+    "cls, time_ms, partition, offset, expected_version, key_id, key_version, "
+    "nonce, ciphertext, content_hash, metadata) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_UPSERT_RECORD = (
+    "INSERT INTO records (tenant, key, version, deleted, cls, payload_id, "
+    "updated_ms, partition, offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (tenant, key) DO UPDATE SET version = excluded.version, "
+    "deleted = excluded.deleted, cls = excluded.cls, "
+    "payload_id = excluded.payload_id, updated_ms = excluded.updated_ms, "
+    "partition = excluded.partition, offset = excluded.offset, tier = 'l2'"
+)
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 _RECORD_COLUMNS = (
     "r.tenant, r.key, r.version, r.deleted, r.cls, r.updated_ms, r.partition, "
     "r.offset, r.tier, h.event_id, h.agent, h.key_id, h.key_version, h.nonce, "
@@ -191,6 +216,7 @@ class L2Projection:
         self.path = path
         self._conn = connect(path, synchronous=synchronous)
         self._erased: set[str] = set()
+        self._begin_batch([])
 
     def close(self) -> None:
         """Close the database connection."""
@@ -226,12 +252,14 @@ class L2Projection:
             self._erased = {
                 r[0] for r in self._conn.execute("SELECT tenant FROM erased")
             }
+            self._begin_batch([env for env in envelopes if env.offset >= done])
             outcomes: list[Outcome | None] = []
             for env in envelopes:
                 if env.offset < done:
                     outcomes.append(self._recorded_outcome(partition, env.offset))
                 else:
                     outcomes.append(self._apply_one(env))
+            self._flush()
             if next_offset > done:
                 self._conn.execute(
                     "INSERT INTO checkpoints (partition, next_offset) VALUES (?, ?) "
@@ -271,33 +299,101 @@ class L2Projection:
         ).fetchone()
         return Outcome(row[0], row[1], row[2]) if row else None
 
+    # -- batching ------------------------------------------------------------
+    #
+    # A batch reads the state of every key it touches, and the event ids it
+    # carries, in a few queries up front; history rows get their ids here and
+    # are inserted together, and each key's record is written once with its
+    # final state. Decisions are the same as applying events one by one, so
+    # they do not depend on where batch boundaries fall (live and rebuild
+    # split the log differently).
+
+    def _begin_batch(self, envelopes: Sequence[Envelope]) -> None:
+        self._rows: list[tuple[Any, ...]] = []
+        self._pending: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._state: dict[tuple[str, str], _KeyState | None] = {}
+        (top,) = self._conn.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM history"
+        ).fetchone()
+        self._next_id = int(top) + 1
+        idents = list(
+            {(e.event.tenant, getattr(e.event, "key", "")) for e in envelopes}
+        )
+        self._state = dict.fromkeys(idents)
+        for chunk in _chunks(idents, 400):
+            values = ", ".join("(?, ?)" for _ in chunk)
+            args = [part for ident in chunk for part in ident]
+            for row in self._conn.execute(
+                "SELECT tenant, key, version, deleted, tier, cls FROM records "  # noqa: S608
+                f"WHERE (tenant, key) IN (VALUES {values})",
+                args,
+            ):
+                self._state[(row[0], row[1])] = (
+                    int(row[2]),
+                    bool(row[3]),
+                    row[4],
+                    row[5],
+                )
+        ids = list({e.event.event_id for e in envelopes})
+        self._seen_ids: set[str] = set()
+        for chunk in _chunks(ids, 900):
+            marks = ", ".join("?" for _ in chunk)
+            self._seen_ids.update(
+                r[0]
+                for r in self._conn.execute(
+                    f"SELECT event_id FROM history WHERE event_id IN ({marks})",  # noqa: S608
+                    chunk,
+                )
+            )
+
+    def _flush(self) -> None:
+        """Write the buffered history rows, then each touched key's final record."""
+        if self._rows:
+            self._conn.executemany(_INSERT_HISTORY, self._rows)
+            self._rows.clear()
+        if self._pending:
+            self._conn.executemany(_UPSERT_RECORD, self._pending.values())
+            self._pending.clear()
+
     def _apply_one(self, env: Envelope) -> Outcome:
         event = env.event
         if isinstance(event, TenantErased):
-            return self._erase(env, event)
+            self._flush()
+            outcome = self._erase(env, event)
+            self._state.clear()
+            return outcome
         if event.tenant in self._erased:
             return self._history(env, 0, "rejected", "tenant erased")
         # An event published twice (a dead letter replayed after its cause was
         # fixed, a re-run import) applies once: the first occurrence wins.
-        if self._conn.execute(
-            "SELECT 1 FROM history WHERE event_id = ? LIMIT 1", (event.event_id,)
-        ).fetchone():
+        if event.event_id in self._seen_ids:
             current = self._current(event.tenant, getattr(event, "key", ""))
             return self._history(
                 env, current[0] if current else 0, "rejected", "duplicate event id"
             )
         if isinstance(event, MemoryWritten | MemoryDeleted):
             return self._write_or_delete(env, event)
+        # The other kinds read and update rows with their own statements.
+        self._flush()
         if isinstance(event, MemoryReencrypted):
-            return self._reencrypt(env, event)
-        return self._tier(env, event)
+            outcome = self._reencrypt(env, event)
+        else:
+            outcome = self._tier(env, event)
+        self._state.pop((event.tenant, event.key), None)
+        return outcome
 
-    def _current(self, tenant: str, key: str) -> tuple[int, bool, str] | None:
+    def _current(self, tenant: str, key: str) -> _KeyState | None:
+        """(version, deleted, tier, class) of a key, as this batch has left it."""
+        ident = (tenant, key)
+        if ident in self._state:
+            return self._state[ident]
         row = self._conn.execute(
-            "SELECT version, deleted, tier FROM records WHERE tenant = ? AND key = ?",
-            (tenant, key),
+            "SELECT version, deleted, tier, cls FROM records WHERE tenant = ? AND key = ?",
+            ident,
         ).fetchone()
-        return (int(row[0]), bool(row[1]), str(row[2])) if row else None
+        state = (int(row[0]), bool(row[1]), str(row[2]), str(row[3])) if row else None
+        self._state[ident] = state
+        return state
 
     def _write_or_delete(
         self, env: Envelope, event: MemoryWritten | MemoryDeleted
@@ -316,56 +412,80 @@ class L2Projection:
         action = "deleted" if deleting else "written"
         outcome = self._history(env, version + 1, action, "")
         payload_id = None if deleting else self._last_history_id
-        cls = event.cls if isinstance(event, MemoryWritten) else ""
-        self._conn.execute(
-            "INSERT INTO records (tenant, key, version, deleted, cls, payload_id, "
-            "updated_ms, partition, offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (tenant, key) DO UPDATE SET version = excluded.version, "
-            "deleted = excluded.deleted, "
-            "cls = CASE WHEN excluded.deleted THEN records.cls ELSE excluded.cls END, "
-            "payload_id = excluded.payload_id, updated_ms = excluded.updated_ms, "
-            "partition = excluded.partition, offset = excluded.offset, tier = 'l2'",
-            (
-                event.tenant,
-                event.key,
-                version + 1,
-                int(deleting),
-                cls,
-                payload_id,
-                event.time_ms,
-                env.partition,
-                env.offset,
-            ),
+        # A deleted record keeps the class it had, so `list --cls` history stays right.
+        cls = (
+            event.cls
+            if isinstance(event, MemoryWritten)
+            else (current[3] if current else "")
+        )
+        ident = (event.tenant, event.key)
+        self._state[ident] = (version + 1, deleting, "l2", cls)
+        self._pending[ident] = (
+            event.tenant,
+            event.key,
+            version + 1,
+            int(deleting),
+            cls,
+            payload_id,
+            event.time_ms,
+            env.partition,
+            env.offset,
         )
         return outcome
 
     def _reencrypt(self, env: Envelope, event: MemoryReencrypted) -> Outcome:
-        updated = self._conn.execute(
+        # Key versions only move forward: a re-encryption to a version the row
+        # already has, or to an older one, is a repeat (a rotation job resumed
+        # after publishing, or two jobs over the same record) and changes
+        # nothing. Deciding from the row keeps replays deciding the same way.
+        row = self._conn.execute(
+            "SELECT id, key_version FROM history WHERE tenant = ? AND key = ? "
+            "AND event_id = ? AND action = 'written'",
+            (event.tenant, event.key, event.source_event_id),
+        ).fetchone()
+        if row is None:
+            return self._history(
+                env, event.version, "rejected", "no such version to re-encrypt"
+            )
+        if row[1] is not None and row[1] >= event.key_version:
+            return self._history(
+                env, event.version, "rejected", f"already re-encrypted (key v{row[1]})"
+            )
+        self._conn.execute(
             "UPDATE history SET key_id = ?, key_version = ?, nonce = ?, ciphertext = ?, "
-            "content_hash = ? WHERE tenant = ? AND key = ? AND event_id = ? "
-            "AND action = 'written'",
+            "content_hash = ? WHERE id = ?",
             (
                 event.key_id,
                 event.key_version,
                 event.nonce,
                 event.ciphertext,
                 event.content_hash,
-                event.tenant,
-                event.key,
-                event.source_event_id,
+                row[0],
             ),
-        ).rowcount
-        if not updated:
-            return self._history(
-                env, event.version, "rejected", "no such version to re-encrypt"
-            )
+        )
         return self._history(env, event.version, "reencrypted", "")
 
     def _tier(self, env: Envelope, event: MemoryTiered) -> Outcome:
+        # A move applies to the version the tiering job saw, from the tier the
+        # record is in. A stale or repeated move (a write in between, two job
+        # runs before the worker caught up) is recorded as rejected, and a
+        # replay decides the same way. L2 keeps the payload either way: see
+        # projections/l3.py for why that makes every crash point lossless.
         current = self._current(event.tenant, event.key)
+        at = current[0] if current else 0
+        reason = ""
         if current is None or current[0] != event.version:
-            at = current[0] if current else 0
             reason = f"tier move of version {event.version}, key is at version {at}"
+        elif current[1]:
+            reason = "tier move of a deleted key"
+        elif event.to_tier not in ("l2", "l3") or event.to_tier == event.from_tier:
+            reason = (
+                f"tier move from {event.from_tier!r} to {event.to_tier!r}: "
+                "only l2 -> l3 and l3 -> l2 are moves"
+            )
+        elif current[2] != event.from_tier:
+            reason = f"tier move from {event.from_tier}, record is in {current[2]}"
+        if reason:
             return self._history(env, at, "rejected", reason)
         self._conn.execute(
             "UPDATE records SET tier = ? WHERE tenant = ? AND key = ?",
@@ -374,6 +494,7 @@ class L2Projection:
         return self._history(env, event.version, "tiered", event.reason)
 
     def _erase(self, env: Envelope, event: TenantErased) -> Outcome:
+        # Called with the buffers flushed, so the purge sees every row.
         self._conn.execute("DELETE FROM records WHERE tenant = ?", (event.tenant,))
         self._conn.execute("DELETE FROM history WHERE tenant = ?", (event.tenant,))
         self._conn.execute(
@@ -391,12 +512,12 @@ class L2Projection:
         event = env.event
         payload = isinstance(event, MemoryWritten) and action == "written"
         written = event if isinstance(event, MemoryWritten) else None
-        cur = self._conn.execute(
-            "INSERT INTO history (tenant, key, version, action, reason, event_id, agent, "
-            "cls, time_ms, partition, offset, expected_version, key_id, key_version, "
-            "nonce, ciphertext, content_hash, metadata) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        row_id = self._next_id
+        self._next_id += 1
+        self._seen_ids.add(event.event_id)
+        self._rows.append(
             (
+                row_id,
                 event.tenant,
                 getattr(event, "key", ""),
                 version,
@@ -417,9 +538,9 @@ class L2Projection:
                 json.dumps(written.metadata, sort_keys=True)
                 if payload and written
                 else "{}",
-            ),
+            )
         )
-        self._last_history_id = cur.lastrowid
+        self._last_history_id = row_id
         return Outcome(action, version, reason)
 
     # -- state for digests ---------------------------------------------------
@@ -595,3 +716,112 @@ class L2Reader:
         """The order-independent digest of L2's content."""
         db = self._db()
         return digest_database(db) if db else hashlib.sha256(b"").hexdigest()
+
+    def tier_candidates(self) -> Iterator[tuple[str, str, int, str, int, str]]:
+        """Live records as (tenant, key, version, class, updated_ms, tier).
+
+        What the tiering job evaluates; rows are streamed, so a store of any
+        size is scanned in bounded memory.
+        """
+        db = self._db()
+        if db is None:
+            return
+        cursor = db.execute(
+            "SELECT tenant, key, version, cls, updated_ms, tier FROM records "
+            "WHERE deleted = 0"
+        )
+        while rows := cursor.fetchmany(1000):
+            for r in rows:
+                yield (r[0], r[1], int(r[2]), r[3], int(r[4]), r[5])
+
+    # -- key coverage (rotation and erasure) -----------------------------------
+
+    def written_at(self, partition: int, offset: int) -> StoredRecord | None:
+        """The payload L2 holds for the write at this log position, if it was accepted.
+
+        Its key version, nonce and ciphertext are the current ones: a
+        re-encryption replaces them in place.
+        """
+        db = self._db()
+        if db is None:
+            return None
+        row = db.execute(
+            "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "
+            "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
+            "metadata FROM history WHERE partition = ? AND offset = ? "
+            "AND action = 'written' AND ciphertext IS NOT NULL",
+            (partition, offset),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def key_version_counts(self) -> dict[tuple[str, int], int]:
+        """Stored payloads per (tenant, key version), every version of every key."""
+        db = self._db()
+        if db is None:
+            return {}
+        return {
+            (r[0], int(r[1])): int(r[2])
+            for r in db.execute(
+                "SELECT tenant, key_version, COUNT(*) FROM history "
+                "WHERE action = 'written' AND ciphertext IS NOT NULL "
+                "GROUP BY tenant, key_version"
+            )
+        }
+
+    def payloads(
+        self,
+        tenant: str | None = None,
+        *,
+        key_versions: Sequence[int] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[StoredRecord]:
+        """Stored payloads (every written version), in log order, streamed.
+
+        Args:
+            tenant: only this tenant's.
+            key_versions: only those sealed under one of these key versions.
+            limit: at most this many.
+        """
+        db = self._db()
+        if db is None:
+            return
+        sql = (
+            "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "
+            "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
+            "metadata FROM history WHERE action = 'written' AND ciphertext IS NOT NULL"
+        )
+        args: list[Any] = []
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            args.append(tenant)
+        if key_versions is not None:
+            sql += f" AND key_version IN ({', '.join('?' * len(key_versions))})"
+            args += list(key_versions)
+        sql += " ORDER BY partition, offset"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        cursor = db.execute(sql, args)
+        while rows := cursor.fetchmany(500):
+            yield from (_record(r) for r in rows)
+
+    def tenant_counts(self, tenant: str) -> dict[str, int]:
+        """What L2 holds of a tenant: live records per tier, and stored payloads."""
+        db = self._db()
+        if db is None:
+            return {"payloads": 0}
+        counts: dict[str, int] = {
+            str(r[0]): int(r[1])
+            for r in db.execute(
+                "SELECT tier, COUNT(*) FROM records WHERE tenant = ? AND deleted = 0 "
+                "GROUP BY tier",
+                (tenant,),
+            )
+        }
+        counts["payloads"] = int(
+            db.execute(
+                "SELECT COUNT(*) FROM history WHERE tenant = ? AND ciphertext IS NOT NULL",
+                (tenant,),
+            ).fetchone()[0]
+        )
+        return counts

@@ -59,7 +59,7 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
                 b"acme/type",
                 MARKER + written_fp + deleted[10:],
                 "MalformedEventError",
-                "MemoryWritten v1",
+                "body ends early",
             ),
             (
                 unknown_version.message_key,
