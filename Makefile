@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: all venv demo test lint unit bench soak broker-up broker-down clean
 
@@ -14,8 +15,14 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The peers benchmarks compare against (Quix Streams, confluent-kafka) are
+# installed only for `make bench`.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 venv: $(STAMP)
 
@@ -37,7 +44,7 @@ unit: venv
 	$(BIN)/pytest -q -m 'not broker'
 
 ## Benchmarks against the raw aiokafka client, same topic, same run.
-bench: venv
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 ## Long crash loops (50 kills), beyond what CI runs.
