@@ -100,18 +100,38 @@ def broker_status_cmd(as_json: JsonOpt = False) -> None:
     from strata.broker import broker_status
 
     settings = _settings()
-    info, running = broker_status(settings.data_dir)
-    bootstrap = settings.kafka_bootstrap or (info.bootstrap if info else None)
-    obj = {
-        "bootstrap": bootstrap,
-        "running": running,
-        "pid": info.pid if info else None,
-    }
+    if settings.kafka_bootstrap:
+        # A configured broker is not ours to manage: say whether it answers.
+        bootstrap: str | None = settings.kafka_bootstrap
+        running = _answers(settings.kafka_bootstrap)
+        managed, pid = False, None
+    else:
+        info, running = broker_status(settings.data_dir)
+        bootstrap = info.bootstrap if info else None
+        managed, pid = True, info.pid if info else None
+    obj = {"bootstrap": bootstrap, "running": running, "managed": managed, "pid": pid}
+    where = "configured by STRATA_KAFKA_BOOTSTRAP" if not managed else "local broker"
     _emit(
         as_json,
         obj,
-        lambda: print(f"{'running' if running else 'not running'}: {bootstrap or '-'}"),
+        lambda: print(
+            f"{'running' if running else 'not running'}: {bootstrap or '-'} ({where})"
+        ),
     )
+
+
+def _answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
+    """Whether any host:port of a bootstrap list accepts a TCP connection."""
+    import socket
+
+    for address in bootstrap.split(","):
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # -- topics --------------------------------------------------------------------
@@ -417,7 +437,10 @@ def digest_cmd(
     from projections.registry import digests
     from strata.paths import StorePaths
 
-    obj = {"projections": digests(StorePaths(data_dir or _settings().data_dir))}
+    root = data_dir or _settings().data_dir
+    if not root.is_dir():
+        raise UsageError(f"data dir {root} does not exist")
+    obj = {"projections": digests(StorePaths(root))}
     _emit(
         as_json,
         obj,

@@ -13,6 +13,7 @@ The tree::
     │   └── DecryptionError        ciphertext rejected by its key (tampered, moved)
     ├── ApplyError             an event a projection refuses (goes to the DLQ)
     ├── StoreError             a store cannot be written now (retriable)
+    ├── NotProjectedError      a token was not projected in time (retriable)
     ├── NotFoundError          no such tenant or key
     ├── ErasedError            the tenant was erased
     └── CheckFailedError            a verification found a problem (exit 1)
@@ -72,6 +73,13 @@ class ApplyError(StrataError):
 class StoreError(StrataError):
     """A store cannot be written right now (disk full, read-only, locked)."""
 
+    retriable = True
+
+
+class NotProjectedError(StrataError):
+    """A write's token was not projected in the time allowed."""
+
+    exit_code = 1
     retriable = True
 
 

@@ -122,9 +122,12 @@ async def start_client(client: object, bootstrap: str, timeout_s: float) -> None
                 await with_close()
             except Exception as close_exc:  # noqa: BLE001 - the start failure matters more
                 log.debug("kafka.close_after_failed_start", error=str(close_exc))
+        detail = str(exc) or type(exc).__name__
+        if detail.startswith(f"{type(exc).__name__}: "):
+            detail = detail[len(type(exc).__name__) + 2 :]
         raise BrokerError(
-            f"Kafka broker at {bootstrap} unreachable after {waited:.1f}s "
-            f"({type(exc).__name__}: {exc or 'timed out'})"
+            f"Kafka broker at {bootstrap} unreachable after {waited:.1f}s: "
+            f"{detail if detail != 'TimeoutError' else 'no answer'}"
         ) from exc
 
 

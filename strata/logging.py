@@ -58,7 +58,14 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(
         _transient_filter
     )
+    logging.getLogger("aiokafka").addFilter(_connect_filter)
 
 
 def _transient_filter(record: logging.LogRecord) -> bool:
     return "GroupCoordinatorNotAvailable" not in record.getMessage()
+
+
+def _connect_filter(record: logging.LogRecord) -> bool:
+    # A broker that cannot be reached at start is reported once, by Strata,
+    # as a BrokerError naming the address and the time waited.
+    return not record.getMessage().startswith("Unable connect to")

@@ -32,6 +32,15 @@ def _drop(paths: StorePaths, name: str) -> None:
         shutil.rmtree(paths.l3, ignore_errors=True)
 
 
+async def _preflight(source: Settings) -> None:
+    """Fail before anything is dropped if the replay could not run."""
+    from strata.kafka import end_offsets
+    from strata.keystore import LocalKeystore
+
+    await end_offsets(source, [source.memory_topic])
+    LocalKeystore(StorePaths(source.data_dir).keys, source.master_key_path).tenants()
+
+
 def _refuse_if_workers_run(paths: StorePaths) -> None:
     from strata.status import read_worker_states
 
@@ -127,6 +136,8 @@ def rebuild_cmd(
     else:
         paths = StorePaths(source.data_dir)
         _refuse_if_workers_run(paths)
+        # Nothing is dropped until the broker answers and the keystore reads.
+        run(_preflight(source))
         for name in [projection] if projection else PROJECTIONS:
             _drop(paths, name)
         target = source
