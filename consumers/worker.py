@@ -110,7 +110,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self.l2: L2Projection | None = None
-        self.followers = build_followers(self.paths)
+        self.followers = build_followers(self.paths, settings)
         self.assigned = asyncio.Event()
         self.dead_letters_enabled = dead_letters
         self._state_file = self.paths.workers / f"{os.getpid()}-{id(self):x}.json"
@@ -181,6 +181,10 @@ class Worker:
             self._dlq = None
         if self.l2 is not None:
             self.l2.close()
+        for follower in self.followers:
+            close = getattr(follower, "close", None)
+            if close is not None:
+                close()
         self._remove_state()
         log.info("worker.stopped", **self.report.to_dict())
 
@@ -254,16 +258,25 @@ class Worker:
         async def apply_l2() -> list[Outcome | None]:
             return l2.apply(partition, envelopes, next_offset)
 
+        began = time.perf_counter()
         outcomes = await self._retrying("l2", apply_l2)
+        self.metrics.apply_latency.labels("l2").observe(time.perf_counter() - began)
         used: dict[str, int] = {}
         for follower in self.followers:
 
             async def apply_follower(f: FollowerProjection = follower) -> int:
                 return await f.apply(partition, envelopes, outcomes, next_offset)
 
+            began = time.perf_counter()
             used[follower.name] = await self._retrying(follower.name, apply_follower)
+            self.metrics.apply_latency.labels(follower.name).observe(
+                time.perf_counter() - began
+            )
         self._update_l1(envelopes, outcomes)
         self._positions[tp] = next_offset
+        highwater = self._consumer.highwater(tp) if self._consumer else None
+        if highwater is not None:
+            self.metrics.lag.labels(str(partition)).set(max(0, highwater - next_offset))
 
         applied = sum(1 for o in outcomes if o is not None)
         self.report.events_seen += len(messages)
@@ -396,6 +409,7 @@ class Worker:
             self._write_state(force=True)
             self.metrics.blocked.labels(projection).set(1)
             self.metrics.store_retries.labels(projection).inc()
+            self.metrics.blocked_seconds.labels(projection).inc(state.upcoming_sleep)
             log.warning(
                 "worker.store_blocked",
                 projection=projection,

@@ -825,3 +825,16 @@ class L2Reader:
             ).fetchone()[0]
         )
         return counts
+
+    def counts_by_tier_and_class(self) -> dict[str, dict[str, int]]:
+        """Live record counts per tier, then per class (empty when L2 is missing)."""
+        db = self._db()
+        if db is None:
+            return {}
+        out: dict[str, dict[str, int]] = {}
+        for tier, cls, count in db.execute(
+            "SELECT tier, cls, COUNT(*) FROM records WHERE deleted = 0 "
+            "GROUP BY tier, cls ORDER BY tier, cls"
+        ):
+            out.setdefault(str(tier), {})[str(cls)] = int(count)
+        return out

@@ -1,7 +1,17 @@
-"""The read API: L1, then L2; plaintext only after decryption in this process.
+"""The read API: L1, then L2, then L3; plaintext only after decryption here.
 
-Reads are scoped by tenant at every step: a record is looked up by the pair
-(tenant, key) and checked to belong to the tenant asked for.
+Reads are scoped by tenant at every step: each tier looks a record up by the
+pair (tenant, key), and whatever a tier returns is checked to be that
+tenant's record before it is decrypted (under a key bound to tenant and key,
+which would refuse it anyway).
+
+L2 knows every live record and the tier that serves it. A record in L3 is
+read from the archive; when L3 cannot answer (it follows L2 and may not have
+applied the move yet, or a frame fails its checksum) L2's copy of the same
+version answers instead, so a read never fails for a tier move.
+
+Each read is noted in the read statistics (:class:`~projections.l3.ReadStats`)
+that the tiering job ages and promotes by; noting never fails a read.
 """
 
 from __future__ import annotations
@@ -10,15 +20,33 @@ import asyncio
 import base64
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from projections.l1 import L1Cache
 from projections.l2 import HistoryRow, L2Reader, StoredRecord
+from projections.l3 import L3Reader, ReadStats, read_stats_path
 from strata.crypto import open_sealed
-from strata.errors import ErasedError, NotFoundError, StrataError
+from strata.errors import (
+    ErasedError,
+    NotFoundError,
+    NotProjectedError,
+    StoreError,
+    StrataError,
+)
 from strata.keystore import LocalKeystore
+from strata.metrics import ReadMetrics
+from strata.paths import StorePaths
+
+log = structlog.get_logger(__name__)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +88,8 @@ class Memory:
     tier: str
     partition: int
     offset: int
+    #: The tier whose copy answered: ``l1``, ``l2`` or ``l3``.
+    served_by: str = "l2"
 
     def __repr__(self) -> str:
         return (
@@ -83,12 +113,23 @@ class Memory:
             "metadata": self.metadata,
             "updated_ms": self.updated_ms,
             "tier": self.tier,
+            "served_by": self.served_by,
             "token": f"{self.partition}:{self.offset}",
         }
 
 
 class Reader:
-    """Reads memories through the tiers and decrypts them."""
+    """Reads memories through the tiers and decrypts them.
+
+    Args:
+        l2_path: the live L2 database.
+        keystore: the data keys.
+        l1: a cache shared with a worker of this process, if any.
+        l3_dir: the L3 folder; by default the one of ``l2_path``'s data dir.
+        metrics: where read latency per tier is observed, if anywhere.
+        track_reads: note reads for the aging policy.
+        clock: UTC milliseconds, for read statistics.
+    """
 
     def __init__(
         self,
@@ -96,54 +137,86 @@ class Reader:
         keystore: LocalKeystore,
         *,
         l1: L1Cache | None = None,
+        l3_dir: Path | None = None,
+        metrics: ReadMetrics | None = None,
+        track_reads: bool = True,
+        clock: Callable[[], int] = _wall_ms,
     ) -> None:
         self.l2 = L2Reader(l2_path)
+        self.l3 = L3Reader(l3_dir or StorePaths(l2_path.parent.parent).l3)
         self.l1 = l1
         self.keystore = keystore
+        self.metrics = metrics
+        self.stats = ReadStats(read_stats_path(l2_path)) if track_reads else None
+        self._clock = clock
+
+    @classmethod
+    def from_paths(
+        cls, paths: StorePaths, keystore: LocalKeystore, **options: Any
+    ) -> Reader:
+        """A reader of a data dir's live L2 and its L3; ``options`` as above."""
+        return cls(paths.l2_db, keystore, l3_dir=paths.l3, **options)
 
     def close(self) -> None:
-        """Release the database connection."""
+        """Release the database connections."""
         self.l2.close()
+        self.l3.close()
+        if self.stats is not None:
+            self.stats.close()
 
     async def wait_for(self, token: WriteToken, *, timeout_s: float = 30.0) -> None:
         """Wait until L2 has projected the token's offset.
 
+        L2 alone decides: a record it places in L3 is read from L2's copy
+        until L3 has caught up.
+
         Raises:
-            TimeoutError: it was not projected within ``timeout_s``.
+            NotProjectedError: it was not projected within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
         delay = 0.005
         while self.l2.checkpoint(token.partition) <= token.offset:
             if time.monotonic() >= deadline:
-                raise TimeoutError(
+                raise NotProjectedError(
                     f"offset {token.offset} of partition {token.partition} was not "
                     f"projected within {timeout_s:g}s (is a worker running?)"
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    def record(self, tenant: str, key: str) -> StoredRecord:
+    async def get_after(
+        self, tenant: str, key: str, token: WriteToken, *, timeout_s: float = 30.0
+    ) -> Memory:
+        """Read your write: wait for the token, then read a state at least as new.
+
+        Raises:
+            NotProjectedError: the token was not projected within ``timeout_s``.
+            ErasedError, NotFoundError, DecryptionError: as :meth:`get`.
+        """
+        await self.wait_for(token, timeout_s=timeout_s)
+        return self.get(tenant, key, after=token)
+
+    def record(
+        self, tenant: str, key: str, *, after: WriteToken | None = None
+    ) -> StoredRecord:
         """The current stored (encrypted) record of a key.
+
+        ``after``: an L1 copy older than this token is not used.
 
         Raises:
             ErasedError: the tenant was erased.
             NotFoundError: no live record.
         """
-        record = self.l1.get(tenant, key) if self.l1 is not None else None
-        if record is None:
-            record = self.l2.get(tenant, key)
-            if record is not None and self.l1 is not None and not record.deleted:
-                self.l1.put(record)
-        if record is None or record.deleted:
-            self._raise_missing(tenant, key, deleted=record is not None)
-        assert record is not None
-        if record.tenant != tenant or record.key != key:
-            raise StrataError(
-                f"store returned {record.tenant!r}/{record.key!r} for {tenant!r}/{key!r}"
-            )
-        return record
+        return self._find(tenant, key, after)[0]
 
-    def get(self, tenant: str, key: str, *, as_of: int | None = None) -> Memory:
+    def get(
+        self,
+        tenant: str,
+        key: str,
+        *,
+        as_of: int | None = None,
+        after: WriteToken | None = None,
+    ) -> Memory:
         """Read and decrypt a key's current value, or its value at an offset.
 
         Raises:
@@ -151,17 +224,86 @@ class Reader:
             NotFoundError: no such key (or not yet written at ``as_of``).
             DecryptionError: the stored ciphertext does not authenticate.
         """
-        if as_of is None:
-            record = self.record(tenant, key)
-        else:
-            found = self.l2.get_as_of(tenant, key, as_of)
-            if found is None or found.deleted:
-                self._raise_missing(tenant, key, deleted=found is not None, as_of=as_of)
-            assert found is not None
-            record = found
-        return self.decrypt(record)
+        started = time.perf_counter()
+        try:
+            if as_of is None:
+                record, served = self._find(tenant, key, after)
+            else:
+                record, served = self._find_as_of(tenant, key, as_of), "l2"
+        except NotFoundError:
+            if self.metrics is not None:
+                self.metrics.not_found.inc()
+            raise
+        memory = self.decrypt(record, served_by=served)
+        if self.metrics is not None:
+            self.metrics.latency.labels(served).observe(time.perf_counter() - started)
+        if self.stats is not None and as_of is None:
+            self.stats.note(tenant, key, tier=record.tier, at_ms=self._clock())
+        return memory
 
-    def decrypt(self, record: StoredRecord) -> Memory:
+    def _find(
+        self, tenant: str, key: str, after: WriteToken | None
+    ) -> tuple[StoredRecord, str]:
+        if self.l1 is not None:
+            cached = self.l1.get(tenant, key)
+            if cached is not None and not _older(cached, after):
+                return _owned(cached, tenant, key), "l1"
+        found = self.l2.get(tenant, key)
+        if found is None or found.deleted:
+            self._raise_missing(tenant, key, deleted=found is not None)
+        assert found is not None
+        served = "l2"
+        if found.tier == "l3":
+            archived = self._from_l3(found)
+            if archived is not None:
+                found, served = archived, "l3"
+        _owned(found, tenant, key)
+        if self.l1 is not None:
+            self.l1.put(found)
+        return found, served
+
+    def _from_l3(self, found: StoredRecord) -> StoredRecord | None:
+        """L3's copy of the version L2 says is archived, or None to use L2's."""
+        try:
+            archived = self.l3.get(found.tenant, found.key)
+        except StoreError as exc:
+            log.warning(
+                "reader.l3_unreadable",
+                tenant=found.tenant,
+                key=found.key,
+                error=str(exc),
+                consequence="served from L2's copy; run `strata tier verify`",
+            )
+            self._fell_back("unreadable")
+            return None
+        if archived is None or archived.version != found.version:
+            # L3 follows L2 and has not applied the move yet.
+            self._fell_back("not_archived")
+            return None
+        if archived.event_id != found.event_id:
+            log.warning(
+                "reader.l3_mismatch",
+                tenant=found.tenant,
+                key=found.key,
+                version=found.version,
+                consequence="served from L2's copy; run `strata tier verify`",
+            )
+            self._fell_back("mismatch")
+            return None
+        return archived
+
+    def _fell_back(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.l3_fallbacks.labels(reason).inc()
+
+    def _find_as_of(self, tenant: str, key: str, as_of: int) -> StoredRecord:
+        found = self.l2.get_as_of(tenant, key, as_of)
+        if found is None or found.deleted:
+            self._raise_missing(tenant, key, deleted=found is not None, as_of=as_of)
+        assert found is not None
+        return _owned(found, tenant, key)
+
+    def decrypt(self, record: StoredRecord, *, served_by: str | None = None) -> Memory:
         """Decrypt a stored record under the key version it names."""
         assert record.nonce is not None
         assert record.ciphertext is not None
@@ -187,6 +329,7 @@ class Reader:
             tier=record.tier,
             partition=record.partition,
             offset=record.offset,
+            served_by=served_by or record.tier,
         )
 
     def history(self, tenant: str, key: str) -> list[HistoryRow]:
@@ -217,6 +360,23 @@ class Reader:
         where = f" at offset {as_of}" if as_of is not None else ""
         state = "was deleted" if deleted else "not found"
         raise NotFoundError(f"{tenant}/{key}: {state}{where}")
+
+
+def _older(record: StoredRecord, token: WriteToken | None) -> bool:
+    """Whether a cached record predates a token of its own partition."""
+    return (
+        token is not None
+        and record.partition == token.partition
+        and record.offset < token.offset
+    )
+
+
+def _owned(record: StoredRecord, tenant: str, key: str) -> StoredRecord:
+    if record.tenant != tenant or record.key != key:
+        raise StrataError(
+            f"store returned {record.tenant!r}/{record.key!r} for {tenant!r}/{key!r}"
+        )
+    return record
 
 
 def history_to_dict(row: HistoryRow) -> dict[str, Any]:

@@ -361,8 +361,18 @@ def worker_cmd(
     ] = None,
     metrics_port: Annotated[
         int | None,
-        typer.Option("--metrics-port", help="Serve Prometheus metrics on this port."),
+        typer.Option(
+            "--metrics-port",
+            help="Serve /metrics (Prometheus), /health and /live on this port.",
+        ),
     ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host",
+            help="Address the metrics server binds (0.0.0.0 inside a container).",
+        ),
+    ] = "127.0.0.1",
     until_caught_up: Annotated[
         bool,
         typer.Option(
@@ -372,23 +382,28 @@ def worker_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Project the memory topic into L1, L2 and the ledger."""
+    """Project the memory topic into L1, L2, L3 and the ledger."""
     from consumers.worker import Worker
 
     settings = _settings()
 
     async def go() -> dict[str, Any]:
-        worker = Worker(settings, group=group, until_caught_up=until_caught_up)
-        if metrics_port is not None:
-            from prometheus_client import start_http_server
+        from strata.health import serve_worker
 
-            start_http_server(
-                metrics_port, addr="127.0.0.1", registry=worker.metrics.registry
-            )
+        worker = Worker(settings, group=group, until_caught_up=until_caught_up)
+        server = (
+            serve_worker(worker, metrics_port, host=metrics_host)
+            if metrics_port is not None
+            else None
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.request_stop)
-        report = await worker.run()
+        try:
+            report = await worker.run()
+        finally:
+            if server is not None:
+                server.stop()
         return report.to_dict()
 
     result = _run(go())

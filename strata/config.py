@@ -10,13 +10,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from strata.errors import ConfigError
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 _BOOTSTRAP_RE = re.compile(r"^[^\s,:]+:\d{1,5}(,[^\s,:]+:\d{1,5})*$")
+_CLASS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_TIER_RULE_FIELDS = frozenset(
+    {"after_age_s", "after_idle_s", "promote_reads", "promote_window_s"}
+)
 
 
 class Settings(BaseSettings):
@@ -38,7 +42,23 @@ class Settings(BaseSettings):
     l1_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
     sqlite_synchronous: str = "FULL"
+    l3_segment_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    l3_compact_dead_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    l3_zstd_level: int = Field(default=3, ge=1, le=19)
+    tier_policy: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    tier_promote_reads: int = Field(default=3, ge=1)
+    tier_promote_window_s: float = Field(default=3600.0, gt=0.0)
+    tier_max_moves: int = Field(default=10_000, ge=1)
     consumer_session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    kms_token: SecretStr | None = None
+    kms_request_timeout_ms: int = Field(default=5_000, ge=1, le=600_000)
+    kms_max_attempts: int = Field(default=5, ge=1, le=100)
+    kms_retry_backoff_ms: int = Field(default=200, ge=0, le=600_000)
+    kms_retry_backoff_max_ms: int = Field(default=5_000, ge=0, le=600_000)
+    key_cache_ttl_ms: int = Field(default=300_000, ge=0)
+    key_rotate_after_encryptions: int = Field(default=2**30, ge=1, le=2**31)
+    ledger_checkpoint_entries: int = Field(default=1000, ge=1, le=10_000_000)
+    ledger_checkpoint_interval_ms: int = Field(default=60_000, ge=1, le=86_400_000)
 
     @field_validator("topic_prefix")
     @classmethod
@@ -60,6 +80,24 @@ class Settings(BaseSettings):
         if value.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError("one of OFF, NORMAL, FULL, EXTRA")
         return value.upper()
+
+    @field_validator("tier_policy")
+    @classmethod
+    def _check_tier_policy(
+        cls, value: dict[str, dict[str, float | None]]
+    ) -> dict[str, dict[str, float | None]]:
+        for name, rule in value.items():
+            if name != "default" and not _CLASS_RE.match(name):
+                raise ValueError(f"{name!r} is not a class name or 'default'")
+            unknown = set(rule) - _TIER_RULE_FIELDS
+            if unknown:
+                raise ValueError(
+                    f"{name}: unknown field {sorted(unknown)[0]!r}; "
+                    f"use {', '.join(sorted(_TIER_RULE_FIELDS))}"
+                )
+            if any(v is not None and v < 0 for v in rule.values()):
+                raise ValueError(f"{name}: values must be >= 0 or null")
+        return value
 
     @property
     def memory_topic(self) -> str:

@@ -33,7 +33,9 @@ WRITTEN = MemoryWritten(
 EVENTS = [
     WRITTEN,
     MemoryDeleted("e-2", "acme", "k", "agent", 1, expected_version=None),
-    MemoryReencrypted("e-3", "acme", "k", 2, "e-1", "tk_x", 4, b"n" * 12, b"c", b"h", 5, "job"),
+    MemoryReencrypted(
+        "e-3", "acme", "k", 2, "e-1", "tk_x", 4, b"n" * 12, b"c", b"h", 5, "job"
+    ),
     MemoryTiered("e-4", "acme", "k", 2, "l2", "l3", "age", 6),
     TenantErased("e-5", "acme", 7, [1, 2]),
 ]
@@ -81,7 +83,9 @@ def test_shorter_than_header(codec: Codec) -> None:
 @pytest.mark.parametrize("cut", [1, 10, 40])
 def test_truncated_body_is_refused(codec: Codec, cut: int) -> None:
     data = codec.encode(WRITTEN)
-    with pytest.raises(MalformedEventError, match=r"MemoryWritten v\d+: body ends early"):
+    with pytest.raises(
+        MalformedEventError, match=r"MemoryWritten v\d+: body ends early"
+    ):
         codec.decode(data[:-cut])
 
 

@@ -96,7 +96,9 @@ async def test_second_run_applies_nothing_twice(
     assert verify_ledger(paths.ledger).entries == 300
 
 
-async def test_read_your_writes_with_token(topics: Settings, keystore: LocalKeystore) -> None:
+async def test_read_your_writes_with_token(
+    topics: Settings, keystore: LocalKeystore
+) -> None:
     """A read that waits for a write's token sees the new value."""
     worker = Worker(topics)
     task = asyncio.create_task(worker.run())
@@ -109,14 +111,19 @@ async def test_read_your_writes_with_token(topics: Settings, keystore: LocalKeys
                 memory = reader.get("acme", "agent-1/mood")
                 assert memory.payload == f"mood {i}".encode()
                 assert memory.version == i + 1
-                assert (memory.partition, memory.offset) == (token.partition, token.offset)
+                assert (memory.partition, memory.offset) == (
+                    token.partition,
+                    token.offset,
+                )
         reader.close()
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=30)
 
 
-async def test_no_plaintext_in_topic_or_l2(topics: Settings, keystore: LocalKeystore) -> None:
+async def test_no_plaintext_in_topic_or_l2(
+    topics: Settings, keystore: LocalKeystore
+) -> None:
     """Raw topic bytes and the L2 database file hold none of the payloads."""
     written = await _publish(topics, keystore, 200, seed=11)
     await Worker(topics, until_caught_up=True).run()
@@ -178,7 +185,9 @@ def test_tenant_counts_match_corpus_languages() -> None:
     from strata.demo import corpus_dir, corpus_turns
 
     turns = list(corpus_turns())
-    languages = {p.name for p in corpus_dir().iterdir() if p.is_dir() and any(p.glob("*.yml"))}
+    languages = {
+        p.name for p in corpus_dir().iterdir() if p.is_dir() and any(p.glob("*.yml"))
+    }
     assert {t.tenant for t in turns} == {f"lang-{lang}" for lang in languages}
     per_key = Counter((t.tenant, t.key) for t in turns)
     assert max(per_key.values()) == 1
