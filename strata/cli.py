@@ -425,12 +425,15 @@ def status_cmd(as_json: JsonOpt = False) -> None:
     obj = _run(collect_status(_settings()))
 
     def human() -> None:
-        print(f"{'partition':>9} {'l2':>10} {'ledger':>10} {'end':>10} {'lag':>8}")
+        names = ("l2", "ledger", "l3")
+        print(
+            f"{'partition':>9} "
+            + " ".join(f"{n:>10}" for n in names)
+            + f" {'end':>10} {'lag':>8}"
+        )
         for p in obj["partitions"]:
-            print(
-                f"{p['partition']:>9} {p['checkpoints']['l2']:>10} {p['checkpoints']['ledger']:>10} "
-                f"{p['end_offset']:>10} {p['lag']:>8}"
-            )
+            ckpts = " ".join(f"{p['checkpoints'][n]:>10}" for n in names)
+            print(f"{p['partition']:>9} {ckpts} {p['end_offset']:>10} {p['lag']:>8}")
         print(f"dead letters: {obj['dlq']}")
         for w in obj["workers"]:
             state = "alive" if w["alive"] else "gone"

@@ -10,6 +10,7 @@ import structlog
 
 from consumers.dlq import read_dead_letters
 from projections.l2 import L2Reader
+from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
 from strata.kafka import end_offsets
@@ -26,6 +27,9 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     l2_ckpts = l2.checkpoints()
     l2.close()
     ledger_ckpts = LedgerProjection(paths.ledger).checkpoints()
+    l3 = L3Reader(paths.l3)
+    l3_ckpts = l3.checkpoints()
+    l3.close()
     partitions = []
     for tp, end in sorted(ends.items(), key=lambda i: i[0].partition):
         if tp.topic != settings.memory_topic:
@@ -33,6 +37,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         ckpts = {
             "l2": l2_ckpts.get(tp.partition, 0),
             "ledger": ledger_ckpts.get(tp.partition, 0),
+            "l3": l3_ckpts.get(tp.partition, 0),
         }
         partitions.append(
             {
