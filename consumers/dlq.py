@@ -24,7 +24,7 @@ from schemas.codec import Codec
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError
 from strata.kafka import bootstrap_of, start_client
-from strata.keystore import LocalKeystore
+from strata.keystore import Keyring
 
 log = structlog.get_logger(__name__)
 
@@ -181,7 +181,7 @@ async def read_dead_letters(
 
 
 async def replay_dead_letters(
-    settings: Settings, keystore: LocalKeystore, *, timeout_s: float = 30.0
+    settings: Settings, keystore: Keyring, *, timeout_s: float = 30.0
 ) -> dict[str, Any]:
     """Send back to the memory topic every dead letter that now applies.
 

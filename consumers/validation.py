@@ -11,7 +11,7 @@ from schemas.codec import Codec
 from schemas.events import Event, TenantErased
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError
-from strata.keystore import LocalKeystore
+from strata.keystore import Keyring
 
 #: AES-GCM appends a 16-byte tag to the plaintext.
 GCM_TAG_BYTES = 16
@@ -21,7 +21,7 @@ def validate_event(
     event: Event,
     message_key: bytes | None,
     settings: Settings,
-    keystore: LocalKeystore,
+    keystore: Keyring,
     known_keys: dict[tuple[str, str, int], bool] | None = None,
 ) -> None:
     """Refuse an event that decodes but cannot be applied.
@@ -70,7 +70,7 @@ def decode_and_validate(
     value: bytes | None,
     message_key: bytes | None,
     settings: Settings,
-    keystore: LocalKeystore,
+    keystore: Keyring,
     known_keys: dict[tuple[str, str, int], bool] | None = None,
 ) -> Event:
     """Decode a message value and validate the event.

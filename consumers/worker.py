@@ -40,7 +40,7 @@ from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError, StoreError, StrataError
 from strata.kafka import bootstrap_of, end_offsets, start_client
-from strata.keystore import LocalKeystore
+from strata.keystore import Keyring, open_keystore
 from strata.metrics import WorkerMetrics
 from strata.paths import StorePaths
 
@@ -79,7 +79,7 @@ class Worker:
         settings: Settings,
         *,
         group: str | None = None,
-        keystore: LocalKeystore | None = None,
+        keystore: Keyring | None = None,
         l1: L1Cache | None = None,
         until_caught_up: bool = False,
         max_batch: int = 2000,
@@ -89,9 +89,7 @@ class Worker:
         self.settings = settings
         self.group = group or f"{settings.topic_prefix}.workers"
         self.paths = StorePaths(settings.data_dir)
-        self.keystore = keystore or LocalKeystore(
-            self.paths.keys, settings.master_key_path
-        )
+        self.keystore = keystore or open_keystore(settings)
         self.l1 = (
             l1
             if l1 is not None

@@ -10,8 +10,7 @@ from typing import Any
 from producers.producer import MemoryProducer
 from strata.config import Settings
 from strata.kafka import ensure_topics
-from strata.keystore import LocalKeystore
-from strata.paths import StorePaths
+from strata.keystore import open_keystore
 
 _CLASSES = ("chat", "ops", "research", "legal", "finance", "pii")
 
@@ -33,9 +32,7 @@ async def publish_synthetic(
     """
     await ensure_topics(settings)
     rng = random.Random(seed)  # noqa: S311 - repeatable synthetic data
-    keystore = LocalKeystore(
-        StorePaths(settings.data_dir).keys, settings.master_key_path
-    )
+    keystore = open_keystore(settings)
     began = time.perf_counter()
     async with MemoryProducer(settings, keystore) as producer:
         pending: list[asyncio.Future[Any]] = []

@@ -24,7 +24,7 @@ from strata.config import Settings
 from strata.crypto import seal
 from strata.errors import UsageError
 from strata.kafka import bootstrap_of, message_limit, start_client
-from strata.keystore import LocalKeystore
+from strata.keystore import Keyring
 from strata.validation import check_agent, check_class, check_key, check_tenant
 
 log = structlog.get_logger(__name__)
@@ -60,7 +60,7 @@ class MemoryProducer:
     def __init__(
         self,
         settings: Settings,
-        keystore: LocalKeystore,
+        keystore: Keyring,
         *,
         codec: Codec | None = None,
         start_timeout_s: float = 30.0,

@@ -51,7 +51,7 @@ from projections.reader import WriteToken
 from schemas.events import MemoryTiered
 from strata.config import Settings
 from strata.errors import ConfigError, NotProjectedError
-from strata.keystore import LocalKeystore
+from strata.keystore import open_keystore
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
@@ -336,7 +336,7 @@ class TieringJob:
         if dry_run or not report.moves:
             log.info("tiering.planned", **_summary(report))
             return report
-        keystore = LocalKeystore(self.paths.keys, self.settings.master_key_path)
+        keystore = open_keystore(self.settings)
         now = self.clock()
         async with MemoryProducer(self.settings, keystore) as producer:
             pending = [

@@ -78,10 +78,12 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_cls ON records (tenant, cls);
-CREATE TABLE IF NOT EXISTS erased (
-    tenant   TEXT PRIMARY KEY,
-    event_id TEXT NOT NULL,
-    time_ms  INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS erasures (
+    tenant    TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    event_id  TEXT NOT NULL,
+    time_ms   INTEGER NOT NULL,
+    PRIMARY KEY (tenant, partition)
 );
 """
 
@@ -215,7 +217,7 @@ class L2Projection:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         self._conn = connect(path, synchronous=synchronous)
-        self._erased: set[str] = set()
+        self._erased: set[tuple[str, int]] = set()
         self._begin_batch([])
 
     def close(self) -> None:
@@ -250,7 +252,8 @@ class L2Projection:
         with self._transaction():
             done = self.checkpoint(partition)
             self._erased = {
-                r[0] for r in self._conn.execute("SELECT tenant FROM erased")
+                (r[0], r[1])
+                for r in self._conn.execute("SELECT tenant, partition FROM erasures")
             }
             self._begin_batch([env for env in envelopes if env.offset >= done])
             outcomes: list[Outcome | None] = []
@@ -362,7 +365,7 @@ class L2Projection:
             outcome = self._erase(env, event)
             self._state.clear()
             return outcome
-        if event.tenant in self._erased:
+        if (event.tenant, env.partition) in self._erased:
             return self._history(env, 0, "rejected", "tenant erased")
         # An event published twice (a dead letter replayed after its cause was
         # fixed, a re-run import) applies once: the first occurrence wins.
@@ -494,14 +497,26 @@ class L2Projection:
         return self._history(env, event.version, "tiered", event.reason)
 
     def _erase(self, env: Envelope, event: TenantErased) -> Outcome:
-        # Called with the buffers flushed, so the purge sees every row.
-        self._conn.execute("DELETE FROM records WHERE tenant = ?", (event.tenant,))
-        self._conn.execute("DELETE FROM history WHERE tenant = ?", (event.tenant,))
+        """Purge the tenant's rows of this partition only.
+
+        An erasure publishes a marker to every partition. Each purges what its
+        own partition holds and refuses the tenant's later events there, so
+        the result does not depend on the order partitions are read in: live
+        and rebuild agree. Called with the buffers flushed.
+        """
+        where = (event.tenant, env.partition)
         self._conn.execute(
-            "INSERT OR IGNORE INTO erased (tenant, event_id, time_ms) VALUES (?, ?, ?)",
-            (event.tenant, event.event_id, event.time_ms),
+            "DELETE FROM records WHERE tenant = ? AND partition = ?", where
         )
-        self._erased.add(event.tenant)
+        self._conn.execute(
+            "DELETE FROM history WHERE tenant = ? AND partition = ?", where
+        )
+        self._conn.execute(
+            "INSERT OR IGNORE INTO erasures (tenant, partition, event_id, time_ms) "
+            "VALUES (?, ?, ?, ?)",
+            (*where, event.event_id, event.time_ms),
+        )
+        self._erased.add(where)
         return self._history(env, 0, "erased", "")
 
     _last_history_id: int | None = None
@@ -564,7 +579,7 @@ def digest_database(conn: sqlite3.Connection) -> str:
         "SELECT 'h', tenant, key, version, action, reason, event_id, agent, cls, "
         "time_ms, partition, offset, expected_version, key_id, key_version, nonce, "
         "ciphertext, content_hash, metadata FROM history",
-        "SELECT 'e', tenant, event_id, time_ms FROM erased",
+        "SELECT 'e', tenant, partition, event_id, time_ms FROM erasures",
     )
     for query in queries:
         for row in conn.execute(query):
@@ -618,7 +633,7 @@ class L2Reader:
         return bool(
             db
             and db.execute(
-                "SELECT 1 FROM erased WHERE tenant = ?", (tenant,)
+                "SELECT 1 FROM erasures WHERE tenant = ? LIMIT 1", (tenant,)
             ).fetchone()
         )
 

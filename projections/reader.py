@@ -38,7 +38,7 @@ from strata.errors import (
     StoreError,
     StrataError,
 )
-from strata.keystore import LocalKeystore
+from strata.keystore import Keyring
 from strata.metrics import ReadMetrics
 from strata.paths import StorePaths
 
@@ -134,7 +134,7 @@ class Reader:
     def __init__(
         self,
         l2_path: Path,
-        keystore: LocalKeystore,
+        keystore: Keyring,
         *,
         l1: L1Cache | None = None,
         l3_dir: Path | None = None,
@@ -151,9 +151,7 @@ class Reader:
         self._clock = clock
 
     @classmethod
-    def from_paths(
-        cls, paths: StorePaths, keystore: LocalKeystore, **options: Any
-    ) -> Reader:
+    def from_paths(cls, paths: StorePaths, keystore: Keyring, **options: Any) -> Reader:
         """A reader of a data dir's live L2 and its L3; ``options`` as above."""
         return cls(paths.l2_db, keystore, l3_dir=paths.l3, **options)
 

@@ -208,17 +208,14 @@ def write_cmd(
 ) -> None:
     """Publish a memory write; print its read-your-writes token."""
     from producers.producer import MemoryProducer
-    from strata.keystore import LocalKeystore
-    from strata.paths import StorePaths
+    from strata.keystore import open_keystore
 
     settings = _settings()
     data = _payload(text, file)
     metadata = _metadata(meta)
 
     async def go() -> str:
-        keystore = LocalKeystore(
-            StorePaths(settings.data_dir).keys, settings.master_key_path
-        )
+        keystore = open_keystore(settings)
         async with MemoryProducer(settings, keystore) as producer:
             token = await producer.write(
                 tenant,
@@ -245,15 +242,12 @@ def delete_cmd(
 ) -> None:
     """Publish a delete; print its token."""
     from producers.producer import MemoryProducer
-    from strata.keystore import LocalKeystore
-    from strata.paths import StorePaths
+    from strata.keystore import open_keystore
 
     settings = _settings()
 
     async def go() -> str:
-        keystore = LocalKeystore(
-            StorePaths(settings.data_dir).keys, settings.master_key_path
-        )
+        keystore = open_keystore(settings)
         async with MemoryProducer(settings, keystore) as producer:
             return str(
                 await producer.delete(
@@ -270,11 +264,11 @@ def delete_cmd(
 
 def _reader(settings: Settings) -> Any:
     from projections.reader import Reader
-    from strata.keystore import LocalKeystore
+    from strata.keystore import open_keystore
     from strata.paths import StorePaths
 
     paths = StorePaths(settings.data_dir)
-    return Reader(paths.l2_db, LocalKeystore(paths.keys, settings.master_key_path))
+    return Reader(paths.l2_db, open_keystore(settings))
 
 
 @app.command("get")

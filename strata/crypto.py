@@ -5,6 +5,13 @@ so a ciphertext copied onto another record, key or tenant fails to
 authenticate. The content hash is an HMAC of the plaintext under a key
 derived from the data key: it lets a key holder compare payloads without
 exposing a dictionary-attackable plain hash on the topic.
+
+Nonces are 96 random bits. NIST SP 800-38D (section 8.3) caps a key used
+with random nonces at 2**32 encryptions, beyond which a repeated nonce
+becomes too likely; a repeated nonce under GCM leaks the XOR of two
+plaintexts and the authentication key. Every encryption therefore goes
+through the data key's :class:`UsageMeter`, which the keyring backs with a
+durable count and which rotates the version long before that cap.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -22,17 +30,36 @@ from strata.errors import DecryptionError
 
 NONCE_SIZE = 12
 KEY_SIZE = 32
+#: Encryptions one key version may ever perform (NIST SP 800-38D, random nonces).
+MAX_ENCRYPTIONS = 2**32
 _MAC_INFO = b"strata/content-hash/v1"
+
+
+class UsageMeter(Protocol):
+    """Counts encryptions under one key version before each nonce is drawn."""
+
+    def take(self) -> None:
+        """Account for one encryption.
+
+        Raises:
+            KeyUnavailableError: the version may not encrypt any more.
+        """
+        ...
 
 
 @dataclass(frozen=True)
 class DataKey:
-    """One unwrapped version of a tenant's data key. Its repr never shows material."""
+    """One unwrapped version of a tenant's data key.
+
+    Its repr never shows the material. ``meter``, when set, is charged once
+    per :func:`seal`; keys handed out by a keyring always carry one.
+    """
 
     tenant: str
     key_id: str
     version: int
     material: bytes = field(repr=False)
+    meter: UsageMeter | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.material) != KEY_SIZE:
@@ -54,6 +81,12 @@ class Sealed:
     ciphertext: bytes
     content_hash: bytes
 
+    def __repr__(self) -> str:
+        return (
+            f"Sealed(key_id={self.key_id!r}, key_version={self.key_version}, "
+            f"ciphertext=<{len(self.ciphertext)} bytes>)"
+        )
+
 
 def associated_data(tenant: str, key: str, event_id: str) -> bytes:
     """The AEAD associated data binding a ciphertext to its record and event."""
@@ -71,9 +104,16 @@ def seal(
 ) -> Sealed:
     """Encrypt a payload for one event of one record.
 
-    The nonce is 96 random bits; the key version is rotated long before the
-    2**32 messages after which random nonces risk a collision.
+    Raises:
+        KeyUnavailableError: the key version has used up its encryptions.
+        ValueError: ``tenant`` is not the data key's tenant.
     """
+    if tenant != data_key.tenant:
+        # A key of one tenant must never seal another's data: keys are the
+        # unit of erasure, and shredding a tenant has to take all its data.
+        raise ValueError("a data key seals only its own tenant's payloads")
+    if data_key.meter is not None:
+        data_key.meter.take()
     nonce = os.urandom(NONCE_SIZE)
     aad = associated_data(tenant, key, event_id)
     ciphertext = AESGCM(data_key.material).encrypt(nonce, plaintext, aad)
@@ -102,10 +142,12 @@ def open_sealed(
             record, tenant or key version. The message names where, never what.
     """
     aad = associated_data(tenant, key, event_id)
-    try:
-        return AESGCM(data_key.material).decrypt(nonce, ciphertext, aad)
-    except InvalidTag:
-        raise DecryptionError(
-            f"ciphertext of event {event_id} does not authenticate for tenant "
-            f"{tenant!r} key {key!r} under {data_key.key_id} v{data_key.version}"
-        ) from None
+    if tenant == data_key.tenant:
+        try:
+            return AESGCM(data_key.material).decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            pass
+    raise DecryptionError(
+        f"ciphertext of event {event_id} does not authenticate for tenant "
+        f"{tenant!r} key {key!r} under {data_key.key_id} v{data_key.version}"
+    )

@@ -28,7 +28,7 @@ from strata.broker import broker_down, broker_status, broker_up
 from strata.config import Settings
 from strata.errors import UsageError
 from strata.kafka import ensure_topics
-from strata.keystore import LocalKeystore
+from strata.keystore import open_keystore
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
@@ -130,7 +130,7 @@ async def _demo(
 ) -> dict[str, Any]:
     await ensure_topics(settings)
     paths = StorePaths(settings.data_dir)
-    keystore = LocalKeystore(paths.keys, settings.master_key_path)
+    keystore = open_keystore(settings)
 
     turns = list(corpus_turns())
     say(f"publishing {len(turns)} conversation turns from chatterbot-corpus")

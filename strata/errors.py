@@ -10,6 +10,7 @@ The tree::
     │   ├── UnknownSchemaError     writer fingerprint not in the registry
     │   └── MalformedEventError    truncated bytes, wrong marker or type
     ├── KeyUnavailableError              key missing, destroyed, or unusable
+    │   ├── KmsUnavailableError    the KMS gave no answer in time (retriable)
     │   └── DecryptionError        ciphertext rejected by its key (tampered, moved)
     ├── ApplyError             an event a projection refuses (goes to the DLQ)
     ├── StoreError             a store cannot be written now (retriable)
@@ -60,6 +61,12 @@ class MalformedEventError(CodecError):
 
 class KeyUnavailableError(StrataError):
     """A data key is missing, destroyed, or cannot be used."""
+
+
+class KmsUnavailableError(KeyUnavailableError):
+    """The KMS did not answer within its attempts; trying later may work."""
+
+    retriable = True
 
 
 class DecryptionError(KeyUnavailableError):

@@ -1,39 +1,86 @@
-"""The local keystore: per-tenant, versioned data keys wrapped by a master key.
+"""The keyring: per-tenant, versioned data keys, wrapped by a KMS.
+
+Envelope encryption. Each tenant has data keys (AES-256, one per version)
+that encrypt its payloads; each data key is stored only wrapped by the
+tenant's key-encryption key, which lives in the KMS (:mod:`strata.kms`) and
+never leaves it. The KMS key is named after the tenant's opaque key id, so a
+remote KMS does not learn tenant names.
 
 Layout inside ``<data dir>/keys``::
 
-    master.key       32 random bytes, mode 0600, created on first use
-    keystore.json    wrapped data keys and their states, written atomically
+    keystore.json    wrapped data keys, versions and their states (atomic writes)
     keystore.lock    serialises writers across processes (flock)
+    kms.json         the local KMS's named keys (only with the local KMS)
+    master.key       the local KMS's master key, mode 0600 (unless placed elsewhere)
 
-A data key is wrapped with AES-256-GCM under the master key, with the tenant
-and version as associated data, so a wrapped key moved to another tenant or
-version does not unwrap. Unwrapped keys live only in this process's memory.
+Unwrapped keys live only in this process's memory, for ``cache_ttl_s``.
+
+Usage bound. Every encryption is charged to its key version before the nonce
+is drawn. A process reserves encryptions in blocks recorded durably in
+``keystore.json`` before using them, so the recorded count is never below the
+real one (a process that dies wastes the rest of its block, which only errs
+on the safe side). When a primary version's count reaches
+``rotate_after`` the keyring creates the next version and makes it primary;
+no version ever exceeds :data:`~strata.crypto.MAX_ENCRYPTIONS`.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import fcntl
 import hashlib
-import json
 import os
-import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+import structlog
 
-from strata.crypto import KEY_SIZE, NONCE_SIZE, DataKey
-from strata.errors import ConfigError, ErasedError, KeyUnavailableError, StoreError
+from strata.config import Settings
+from strata.crypto import KEY_SIZE, MAX_ENCRYPTIONS, DataKey
+from strata.errors import (
+    ConfigError,
+    ErasedError,
+    KeyUnavailableError,
+    KmsUnavailableError,
+)
+from strata.kms import (
+    Kms,
+    LocalKms,
+    RemoteKms,
+    StateFile,
+    load_or_create_master_key,
+)
+from strata.paths import StorePaths
+
+__all__ = [
+    "ACTIVE",
+    "DESTROYED",
+    "RETIRED",
+    "Erasure",
+    "KeyVersionInfo",
+    "Keyring",
+    "LocalKeystore",
+    "key_id_for",
+    "load_or_create_master_key",
+    "open_keystore",
+]
+
+log = structlog.get_logger(__name__)
 
 ACTIVE = "active"
 RETIRED = "retired"
+DESTROYED = "destroyed"
+
+FORMAT = 2
+#: First block of encryptions a process reserves per key version; it doubles
+#: up to the maximum, so short-lived processes waste little and busy ones
+#: rarely write the keystore.
+FIRST_BLOCK = 256
+MAX_BLOCK = 65_536
+#: Default soft bound: rotate at 2**30 encryptions, a quarter of the cap,
+#: where the chance of any repeated 96-bit nonce is below 2**-37.
+ROTATE_AFTER = 2**30
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +93,23 @@ class KeyVersionInfo:
     state: str
     created_ms: int
     primary: bool
+    encryptions: int = 0
+    cleared_ms: int | None = None
+    job_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """The record of a tenant's erasure, as the keystore keeps it."""
+
+    tenant: str
+    key_id: str
+    erasure_id: str
+    erased_ms: int
+    versions: list[int]
+    kms_key_deleted: bool
+    markers: dict[int, int] = field(default_factory=dict)
+    purged: dict[str, int] = field(default_factory=dict)
 
 
 def key_id_for(tenant: str) -> str:
@@ -53,83 +117,107 @@ def key_id_for(tenant: str) -> str:
     return "tk_" + hashlib.sha256(b"strata/key-id/" + tenant.encode()).hexdigest()[:20]
 
 
-def _wrap_aad(tenant: str, version: int) -> bytes:
-    return f"strata/wrap/v1/{tenant}/{version}".encode()
+def _kms_key_name(key_id: str) -> str:
+    return f"strata-{key_id}"
 
 
-def load_or_create_master_key(path: Path) -> bytes:
-    """Read the master key, creating it (mode 0600) on first use.
-
-    Raises:
-        ConfigError: the file exists but is not 32 bytes, or is readable by others.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"master key file {path}: {exc.strerror}") from exc
-    else:
-        with os.fdopen(fd, "wb") as out:
-            out.write(os.urandom(KEY_SIZE))
-            out.flush()
-            os.fsync(out.fileno())
-    try:
-        mode = path.stat().st_mode & 0o777
-        material = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"master key file {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError(
-            f"master key file {path} has mode {mode:o}; it must be 0600 (chmod 600)"
-        )
-    if len(material) != KEY_SIZE:
-        raise ConfigError(
-            f"master key file {path} holds {len(material)} bytes; expected {KEY_SIZE}"
-        )
-    return material
+def _wrap_context(key_id: str, version: int) -> bytes:
+    return f"strata/data-key/v2/{key_id}/{version}".encode()
 
 
-class LocalKeystore:
-    """Data keys in a local file, wrapped by a master key in another file.
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _erased(tenant: str) -> ErasedError:
+    return ErasedError(f"tenant {tenant!r} was erased; its keys are destroyed")
+
+
+class _Meter:
+    """Charges encryptions of one key version against durable reservations."""
+
+    def __init__(self, keyring: Keyring, tenant: str, version: int) -> None:
+        self._keyring = keyring
+        self._tenant = tenant
+        self._version = version
+        self._left = 0
+        self._block = FIRST_BLOCK
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self._left == 0:
+                # A block never exceeds 1/64 of the rotation bound, so a
+                # rotation wastes little of a version however small the bound.
+                wanted = min(self._block, max(1, self._keyring.rotate_after // 64))
+                self._left = self._keyring._reserve(self._tenant, self._version, wanted)
+                self._block = min(self._block * 2, MAX_BLOCK)
+            self._left -= 1
+
+
+class Keyring:
+    """Per-tenant data keys in a local file, wrapped by a :class:`~strata.kms.Kms`.
 
     Safe to share between processes on one machine: every change happens
     under an exclusive lock and is written by atomic rename; readers reload
-    when the file changes.
+    when the file changes, so a retirement or erasure made by one process
+    takes effect in the others at their next use of the key.
+
+    Args:
+        directory: where ``keystore.json`` lives.
+        kms: holder of the key-encryption keys.
+        cache_ttl_s: how long an unwrapped key is kept in memory.
+        rotate_after: encryptions after which a primary version is rotated.
+        max_encryptions: encryptions a version may never exceed.
     """
 
-    def __init__(self, directory: Path, master_key_file: Path) -> None:
-        self._dir = directory
-        self._master_key_file = master_key_file
-        self._master: bytes | None = None
-        self._file = directory / "keystore.json"
-        self._doc: dict[str, Any] = {"tenants": {}}
-        self._stamp: tuple[int, int] | None = None
-        self._cache: dict[tuple[str, int], DataKey] = {}
+    def __init__(
+        self,
+        directory: Path,
+        kms: Kms,
+        *,
+        cache_ttl_s: float = 300.0,
+        rotate_after: int = ROTATE_AFTER,
+        max_encryptions: int = MAX_ENCRYPTIONS,
+    ) -> None:
+        if not 0 < rotate_after <= max_encryptions <= MAX_ENCRYPTIONS:
+            raise ConfigError(
+                f"key rotation after {rotate_after} encryptions must be positive "
+                f"and at most {max_encryptions} (the cap is {MAX_ENCRYPTIONS})"
+            )
+        self.directory = directory
+        self.kms = kms
+        self.cache_ttl_s = cache_ttl_s
+        self.rotate_after = rotate_after
+        self.max_encryptions = max_encryptions
+        self._state = StateFile(
+            directory / "keystore.json", lambda: {"format": FORMAT, "tenants": {}}
+        )
+        self._cache: dict[tuple[str, int], tuple[DataKey, float]] = {}
+        self._mutex = threading.RLock()
 
     def __repr__(self) -> str:
-        return f"LocalKeystore({str(self._dir)!r})"
+        return f"{type(self).__name__}({str(self.directory)!r}, kms={self.kms.describe()!r})"
 
-    # -- reading ---------------------------------------------------------
+    def close(self) -> None:
+        """Forget unwrapped keys and release the KMS's connections."""
+        with self._mutex:
+            self._cache.clear()
+        self.kms.close()
 
-    def _refresh(self) -> None:
-        try:
-            st = self._file.stat()
-        except FileNotFoundError:
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return
-        try:
-            self._doc = json.loads(self._file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"keystore {self._file}: cannot be read: {exc}") from exc
-        self._stamp = stamp
+    # -- reading -----------------------------------------------------------------
+
+    def _doc(self) -> dict[str, Any]:
+        doc = self._state.read()
+        if doc.get("format", 1) != FORMAT:
+            raise ConfigError(
+                f"keystore {self._state.path} has format {doc.get('format', 1)}; this "
+                f"Strata reads format {FORMAT} (start from a fresh data dir)"
+            )
+        return doc
 
     def _tenant(self, tenant: str) -> dict[str, Any] | None:
-        self._refresh()
-        entry: dict[str, Any] | None = self._doc["tenants"].get(tenant)
+        entry: dict[str, Any] | None = self._doc()["tenants"].get(tenant)
         return entry
 
     def is_erased(self, tenant: str) -> bool:
@@ -139,11 +227,10 @@ class LocalKeystore:
 
     def erased_tenants(self) -> set[str]:
         """Every tenant whose keys were destroyed."""
-        self._refresh()
-        return {t for t, e in self._doc["tenants"].items() if e.get("erased")}
+        return {t for t, e in self._doc()["tenants"].items() if e.get("erased")}
 
     def has_version(self, tenant: str, key_id: str, version: int) -> bool:
-        """Whether this tenant has this key version (retired versions included)."""
+        """Whether this tenant has this key version (retired ones included)."""
         entry = self._tenant(tenant)
         return bool(
             entry and entry["key_id"] == key_id and str(version) in entry["versions"]
@@ -161,81 +248,184 @@ class LocalKeystore:
                 version=int(v),
                 state=info["state"],
                 created_ms=info["created_ms"],
-                primary=int(v) == entry["primary"],
+                primary=int(v) == entry["primary"] and not entry.get("erased"),
+                encryptions=int(info.get("encryptions", 0)),
+                cleared_ms=info.get("cleared_ms"),
+                job_id=info.get("job_id"),
             )
             for v, info in sorted(entry["versions"].items(), key=lambda i: int(i[0]))
         ]
 
+    def primary_version(self, tenant: str) -> int | None:
+        """The version new writes use, or None for an unknown or erased tenant."""
+        entry = self._tenant(tenant)
+        if entry is None or entry.get("erased"):
+            return None
+        return int(entry["primary"])
+
     def tenants(self) -> list[str]:
         """Every tenant the keystore knows, erased ones included."""
-        self._refresh()
-        return sorted(self._doc["tenants"])
+        return sorted(self._doc()["tenants"])
+
+    def erasure(self, tenant: str) -> Erasure | None:
+        """The record of the tenant's erasure, or None if it was not erased."""
+        entry = self._tenant(tenant)
+        if entry is None or not entry.get("erased"):
+            return None
+        record = entry["erasure"]
+        return Erasure(
+            tenant=tenant,
+            key_id=entry["key_id"],
+            erasure_id=record["erasure_id"],
+            erased_ms=record["erased_ms"],
+            versions=list(record["versions"]),
+            kms_key_deleted=bool(record.get("kms_key_deleted")),
+            markers={int(p): int(o) for p, o in record.get("markers", {}).items()},
+            purged={str(k): int(v) for k, v in record.get("purged", {}).items()},
+        )
 
     def data_key(self, tenant: str, version: int) -> DataKey:
-        """Unwrap one version of a tenant's key.
+        """Unwrap one version of a tenant's key (from the cache when fresh).
 
         Raises:
             ErasedError: the tenant was erased.
-            KeyUnavailableError: no such version, or it does not unwrap.
+            KeyUnavailableError: no such version, it is retired, or the KMS
+                cannot unwrap it (:class:`~strata.kms.KmsUnavailableError`
+                when the KMS does not answer).
         """
-        cached = self._cache.get((tenant, version))
-        if cached is not None:
-            return cached
-        entry = self._tenant(tenant)
+        return self._data_key(tenant, version, self._tenant(tenant))
+
+    def _data_key(
+        self, tenant: str, version: int, entry: dict[str, Any] | None
+    ) -> DataKey:
         if entry is not None and entry.get("erased"):
-            raise ErasedError(f"tenant {tenant!r} was erased; its keys are destroyed")
+            self._forget(tenant)
+            raise _erased(tenant)
         info = entry["versions"].get(str(version)) if entry else None
         if entry is None or info is None:
             raise KeyUnavailableError(f"tenant {tenant!r} has no key version {version}")
-        dk = DataKey(
-            tenant, entry["key_id"], version, self._unwrap(tenant, version, info)
-        )
-        self._cache[(tenant, version)] = dk
-        return dk
+        if info["state"] != ACTIVE:
+            self._cache.pop((tenant, version), None)
+            raise KeyUnavailableError(
+                f"key version {version} of {tenant!r} is {info['state']}"
+            )
+        with self._mutex:
+            cached = self._cache.get((tenant, version))
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
+            material = self._unwrap(tenant, entry["key_id"], version, info["wrapped"])
+            key = DataKey(
+                tenant,
+                entry["key_id"],
+                version,
+                material,
+                meter=_Meter(self, tenant, version),
+            )
+            self._cache[(tenant, version)] = (key, time.monotonic() + self.cache_ttl_s)
+            return key
 
     def primary(self, tenant: str) -> DataKey:
-        """The key version new writes use, creating version 1 on a tenant's first write.
+        """The key new writes use, creating version 1 on a tenant's first write.
+
+        Each :func:`~strata.crypto.seal` with the returned key counts against
+        the version's usage bound.
 
         Raises:
             ErasedError: the tenant was erased and may not be written again.
+            KeyUnavailableError: the KMS cannot create or unwrap the key.
         """
         entry = self._tenant(tenant)
         if entry is None:
-            with self._locked() as doc:
+            with self._state.update() as doc:
                 entry = doc["tenants"].get(tenant) or self._new_tenant(doc, tenant)
         if entry.get("erased"):
-            raise ErasedError(f"tenant {tenant!r} was erased; its keys are destroyed")
-        return self.data_key(tenant, int(entry["primary"]))
+            raise _erased(tenant)
+        return self._data_key(tenant, int(entry["primary"]), entry)
 
-    # -- changing --------------------------------------------------------
+    # -- changing ----------------------------------------------------------------
 
-    def rotate(self, tenant: str) -> DataKey:
-        """Create a new key version and make it primary for new writes."""
-        with self._locked() as doc:
+    def rotate(self, tenant: str, *, job_id: str | None = None) -> DataKey:
+        """Create a new key version and make it primary for new writes.
+
+        Raises:
+            ErasedError: the tenant was erased.
+            KeyUnavailableError: the KMS cannot wrap the new key.
+        """
+        with self._state.update() as doc:
             entry = doc["tenants"].get(tenant) or self._new_tenant(doc, tenant)
             if entry.get("erased"):
-                raise ErasedError(
-                    f"tenant {tenant!r} was erased; its keys are destroyed"
-                )
-            version = max(int(v) for v in entry["versions"]) + 1
-            entry["versions"][str(version)] = self._wrapped_new(tenant, version)
-            entry["primary"] = version
+                raise _erased(tenant)
+            version = self._add_version(entry, tenant, job_id=job_id)
+        log.info("keys.rotated", tenant=tenant, version=version, job_id=job_id)
         return self.data_key(tenant, version)
 
+    def ensure_version(self, tenant: str, version: int, *, job_id: str) -> bool:
+        """Make sure ``version`` exists, creating it as the new primary if it is next.
+
+        Lets a rotation job that was stopped between creating its version and
+        recording its start be run again without creating another version.
+        Returns True when it created the version.
+
+        Raises:
+            ErasedError: the tenant was erased.
+            KeyUnavailableError: ``version`` is neither present nor the next one.
+        """
+        entry = self._tenant(tenant)
+        if entry is not None and str(version) in entry["versions"]:
+            return False
+        with self._state.update() as doc:
+            entry = doc["tenants"].get(tenant)
+            if entry is None:
+                raise KeyUnavailableError(f"tenant {tenant!r} has no keys")
+            if entry.get("erased"):
+                raise _erased(tenant)
+            if str(version) in entry["versions"]:
+                return False
+            latest = max(int(v) for v in entry["versions"])
+            if version != latest + 1:
+                raise KeyUnavailableError(
+                    f"tenant {tenant!r} is at key version {latest}; cannot create {version}"
+                )
+            self._add_version(entry, tenant, job_id=job_id)
+        log.info("keys.rotated", tenant=tenant, version=version, job_id=job_id)
+        return True
+
     def set_primary(self, tenant: str, version: int) -> None:
-        """Switch new writes to another (active) version: a rotation's rollback."""
-        with self._locked() as doc:
+        """Switch new writes to another active version: a rotation's rollback.
+
+        Raises:
+            KeyUnavailableError: no such active version.
+        """
+        with self._state.update() as doc:
             entry = doc["tenants"].get(tenant)
             info = entry["versions"].get(str(version)) if entry else None
             if entry is None or info is None or info["state"] != ACTIVE:
                 raise KeyUnavailableError(
                     f"tenant {tenant!r} has no active key version {version}"
                 )
+            if entry.get("erased"):
+                raise _erased(tenant)
             entry["primary"] = version
+        log.info("keys.primary_set", tenant=tenant, version=version)
+
+    def record_clearance(self, tenant: str, version: int) -> None:
+        """Note that a verification found no record still needing this version."""
+        with self._state.update() as doc:
+            entry = doc["tenants"].get(tenant)
+            info = entry["versions"].get(str(version)) if entry else None
+            if info is not None and info["state"] == ACTIVE:
+                info["cleared_ms"] = _now_ms()
 
     def retire(self, tenant: str, version: int) -> None:
-        """Destroy one non-primary key version's material."""
-        with self._locked() as doc:
+        """Destroy one non-primary key version's material; its metadata stays.
+
+        The caller is responsible for checking that nothing needs it (see
+        :func:`consumers.rotation.retire_versions`).
+
+        Raises:
+            KeyUnavailableError: no such version, or it is the primary.
+        """
+        with self._state.update() as doc:
             entry = doc["tenants"].get(tenant)
             info = entry["versions"].get(str(version)) if entry else None
             if entry is None or info is None:
@@ -244,95 +434,220 @@ class LocalKeystore:
                 )
             if entry["primary"] == version:
                 raise KeyUnavailableError(
-                    f"version {version} is the primary of {tenant!r}"
+                    f"version {version} is the primary of {tenant!r}; rotate first"
                 )
             info["state"] = RETIRED
+            info["retired_ms"] = _now_ms()
             info.pop("wrapped", None)
-        self._cache.pop((tenant, version), None)
-
-    def shred(self, tenant: str) -> list[int]:
-        """Destroy every version of a tenant's key; return the versions destroyed."""
-        with self._locked() as doc:
-            entry = doc["tenants"].get(tenant) or self._new_tenant(doc, tenant)
-            destroyed = sorted(int(v) for v in entry["versions"])
-            entry["versions"] = {}
-            entry["erased"] = True
-            entry["erased_ms"] = int(time.time() * 1000)
-        for version in destroyed:
+        with self._mutex:
             self._cache.pop((tenant, version), None)
-        return destroyed
+        log.info("keys.retired", tenant=tenant, version=version)
 
-    # -- internals -------------------------------------------------------
+    def shred(self, tenant: str, *, purged: dict[str, int] | None = None) -> Erasure:
+        """Destroy every version of a tenant's key, here and in the KMS.
 
-    def _master_key(self) -> bytes:
-        if self._master is None:
-            self._master = load_or_create_master_key(self._master_key_file)
-        return self._master
+        The local copies go first and for good. When the KMS does not
+        answer, the record says ``kms_key_deleted=False`` and a later call
+        finishes the deletion. Idempotent: for a tenant already erased it
+        finishes what is left and returns the first erasure's record.
 
-    def _wrapped_new(self, tenant: str, version: int) -> dict[str, Any]:
-        nonce = os.urandom(NONCE_SIZE)
-        material = os.urandom(KEY_SIZE)
-        wrapped = nonce + AESGCM(self._master_key()).encrypt(
-            nonce, material, _wrap_aad(tenant, version)
+        Args:
+            purged: what the stores held of the tenant, kept for the receipt.
+
+        Raises:
+            KeyUnavailableError: the tenant has no keys.
+        """
+        with self._state.update() as doc:
+            entry = doc["tenants"].get(tenant)
+            if entry is None:
+                raise KeyUnavailableError(f"tenant {tenant!r} has no keys to destroy")
+            if not entry.get("erased"):
+                erased_ms = _now_ms()
+                entry["erased"] = True
+                entry["erasure"] = {
+                    "erasure_id": hashlib.sha256(
+                        f"strata/erasure/{tenant}/{erased_ms}".encode()
+                    ).hexdigest()[:32],
+                    "erased_ms": erased_ms,
+                    "versions": sorted(
+                        int(v)
+                        for v, info in entry["versions"].items()
+                        if info["state"] != DESTROYED
+                    ),
+                    "kms_key_deleted": False,
+                    "purged": dict(purged or {}),
+                }
+                for info in entry["versions"].values():
+                    info["state"] = DESTROYED
+                    info.pop("wrapped", None)
+            key_id = entry["key_id"]
+            deleted = entry["erasure"].get("kms_key_deleted")
+        self._forget(tenant)
+        if not deleted:
+            try:
+                self.kms.delete_key(_kms_key_name(key_id))
+            except KmsUnavailableError as exc:
+                log.warning(
+                    "keys.kms_key_not_deleted",
+                    tenant=tenant,
+                    error=str(exc),
+                    consequence="local keys are destroyed; the KMS key stays until "
+                    "the erasure is run again",
+                )
+            else:
+                with self._state.update() as doc:
+                    doc["tenants"][tenant]["erasure"]["kms_key_deleted"] = True
+        record = self.erasure(tenant)
+        assert record is not None
+        log.info(
+            "keys.shredded",
+            tenant=tenant,
+            versions=record.versions,
+            erasure_id=record.erasure_id,
         )
-        return {
-            "wrapped": base64.b64encode(wrapped).decode(),
-            "state": ACTIVE,
-            "created_ms": int(time.time() * 1000),
-        }
+        return record
 
-    def _unwrap(self, tenant: str, version: int, info: dict[str, Any]) -> bytes:
-        if "wrapped" not in info:
-            raise KeyUnavailableError(f"key version {version} of {tenant!r} is retired")
-        blob = base64.b64decode(info["wrapped"])
-        try:
-            return AESGCM(self._master_key()).decrypt(
-                blob[:NONCE_SIZE], blob[NONCE_SIZE:], _wrap_aad(tenant, version)
+    def note_erasure_markers(self, tenant: str, markers: dict[int, int]) -> None:
+        """Record where the TenantErased events landed (partition to offset)."""
+        with self._state.update() as doc:
+            record = doc["tenants"][tenant]["erasure"]
+            record["markers"] = {str(p): o for p, o in sorted(markers.items())}
+
+    # -- internals ---------------------------------------------------------------
+
+    def _reserve(self, tenant: str, version: int, wanted: int) -> int:
+        """Durably reserve up to ``wanted`` encryptions; return how many were granted.
+
+        Rotates the tenant when the primary version reaches ``rotate_after``.
+        """
+        rotated = None
+        with self._state.update() as doc:
+            entry = doc["tenants"].get(tenant)
+            info = entry["versions"].get(str(version)) if entry else None
+            if entry is None or entry.get("erased"):
+                raise _erased(tenant)
+            if info is None or info["state"] != ACTIVE:
+                raise KeyUnavailableError(
+                    f"key version {version} of {tenant!r} may not encrypt any more"
+                )
+            used = int(info.get("encryptions", 0))
+            granted = min(wanted, self.max_encryptions - used)
+            if granted <= 0:
+                raise KeyUnavailableError(
+                    f"key version {version} of {tenant!r} has used all "
+                    f"{self.max_encryptions} encryptions; new writes need a rotation"
+                )
+            info["encryptions"] = used + granted
+            if entry["primary"] == version and used + granted >= self.rotate_after:
+                rotated = self._add_version(entry, tenant, job_id=None)
+        if rotated is not None:
+            log.info(
+                "keys.rotated_for_usage",
+                tenant=tenant,
+                version=rotated,
+                previous=version,
+                encryptions=used + granted,
+                consequence=f"new writes use v{rotated}; v{version} keeps its records",
             )
-        except InvalidTag:
+        return granted
+
+    def _unwrap(self, tenant: str, key_id: str, version: int, wrapped: str) -> bytes:
+        try:
+            material = self.kms.unwrap(
+                _kms_key_name(key_id), wrapped, _wrap_context(key_id, version)
+            )
+        except KmsUnavailableError:
+            raise
+        except KeyUnavailableError as exc:
             raise KeyUnavailableError(
-                f"key version {version} of {tenant!r} does not unwrap under the "
-                f"master key in {self._master_key_file}"
-            ) from None
+                f"key version {version} of {tenant!r} does not unwrap: {exc}"
+            ) from exc
+        if len(material) != KEY_SIZE:
+            raise KeyUnavailableError(
+                f"key version {version} of {tenant!r} unwraps to the wrong size"
+            )
+        return material
+
+    def _add_version(
+        self, entry: dict[str, Any], tenant: str, *, job_id: str | None
+    ) -> int:
+        version = max((int(v) for v in entry["versions"]), default=0) + 1
+        key_id = entry["key_id"]
+        material = os.urandom(KEY_SIZE)
+        wrapped = self.kms.wrap(
+            _kms_key_name(key_id), material, _wrap_context(key_id, version)
+        )
+        entry["versions"][str(version)] = {
+            "wrapped": wrapped,
+            "state": ACTIVE,
+            "created_ms": _now_ms(),
+            "encryptions": 0,
+            "job_id": job_id,
+        }
+        entry["primary"] = version
+        return version
 
     def _new_tenant(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "key_id": key_id_for(tenant),
-            "primary": 1,
-            "versions": {"1": self._wrapped_new(tenant, 1)},
-        }
+        key_id = key_id_for(tenant)
+        self.kms.create_key(_kms_key_name(key_id))
+        entry: dict[str, Any] = {"key_id": key_id, "primary": 1, "versions": {}}
+        self._add_version(entry, tenant, job_id=None)
         doc["tenants"][tenant] = entry
+        log.info("keys.tenant_created", tenant=tenant, key_id=key_id)
         return entry
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        """Hold the cross-process lock, yield the fresh document, write it back."""
-        try:
-            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            lock = os.open(self._dir / "keystore.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreError(f"keystore {self._dir}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._stamp = None
-            self._refresh()
-            yield self._doc
-            self._write(self._doc)
-        finally:
-            os.close(lock)
+    def _forget(self, tenant: str) -> None:
+        with self._mutex:
+            for ident in [i for i in self._cache if i[0] == tenant]:
+                del self._cache[ident]
 
-    def _write(self, doc: dict[str, Any]) -> None:
-        data = json.dumps(doc, indent=1, sort_keys=True).encode()
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".keystore.")
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self._file)
-        except OSError as exc:
-            raise StoreError(
-                f"keystore {self._file}: cannot be written: {exc}"
-            ) from exc
-        self._stamp = None
+
+class LocalKeystore(Keyring):
+    """A keyring whose KMS is local: named keys wrapped by a master key file.
+
+    Args:
+        directory: the keystore folder (``<data dir>/keys``).
+        master_key_file: the master key, created on first use with mode 0600.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        master_key_file: Path,
+        *,
+        cache_ttl_s: float = 300.0,
+        rotate_after: int = ROTATE_AFTER,
+        max_encryptions: int = MAX_ENCRYPTIONS,
+    ) -> None:
+        super().__init__(
+            directory,
+            LocalKms(directory, master_key_file),
+            cache_ttl_s=cache_ttl_s,
+            rotate_after=rotate_after,
+            max_encryptions=max_encryptions,
+        )
+
+
+def open_keystore(settings: Settings) -> Keyring:
+    """The keyring the settings choose: the remote KMS when ``STRATA_KMS_URL`` is set.
+
+    Raises:
+        ConfigError: the KMS settings are not usable.
+    """
+    keys = StorePaths(settings.data_dir).keys
+    ttl_s = settings.key_cache_ttl_ms / 1000
+    rotate_after = settings.key_rotate_after_encryptions
+    if not settings.kms_url:
+        return LocalKeystore(
+            keys, settings.master_key_path, cache_ttl_s=ttl_s, rotate_after=rotate_after
+        )
+    token = settings.kms_token.get_secret_value() if settings.kms_token else None
+    kms = RemoteKms(
+        settings.kms_url,
+        token=token,
+        request_timeout_s=settings.kms_request_timeout_ms / 1000,
+        max_attempts=settings.kms_max_attempts,
+        retry_backoff_s=settings.kms_retry_backoff_ms / 1000,
+        retry_backoff_max_s=settings.kms_retry_backoff_max_ms / 1000,
+    )
+    return Keyring(keys, kms, cache_ttl_s=ttl_s, rotate_after=rotate_after)

@@ -1,9 +1,22 @@
-"""Where each store lives inside the data dir."""
+"""Where each store lives inside the data dir.
+
+L2 can exist in several versions side by side (a shadow migration builds the
+next one beside the live one): version 1 is ``l2/strata.db``, version N is
+``l2/strata.vN.db``. The small pointer file ``l2/CURRENT`` names the live
+version; it is replaced atomically (:func:`os.replace`) on cutover, so every
+process that resolves :attr:`StorePaths.l2_db` sees either the old version or
+the new one, never a mix. Without a pointer, version 1 is live.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from strata.errors import StoreError
 
 
 @dataclass(frozen=True)
@@ -14,8 +27,40 @@ class StorePaths:
 
     @property
     def l2_db(self) -> Path:
-        """The SQLite file of L2."""
-        return self.root / "l2" / "strata.db"
+        """The SQLite file of the live L2: the version the pointer names.
+
+        Read afresh on every access, so a long-lived process that resolves it
+        per batch or per read follows a cutover.
+
+        Raises:
+            StoreError: the pointer file exists but cannot be read.
+        """
+        return self.l2_version_db(self.l2_live_version)
+
+    @property
+    def l2_pointer(self) -> Path:
+        """The file naming the live L2 version."""
+        return self.root / "l2" / "CURRENT"
+
+    @property
+    def l2_live_version(self) -> int:
+        """The live L2 version: the pointer's, else 1.
+
+        Raises:
+            StoreError: the pointer file exists but cannot be read.
+        """
+        pointer = read_l2_pointer(self.l2_pointer)
+        return pointer.version if pointer is not None else 1
+
+    def l2_version_db(self, version: int) -> Path:
+        """The SQLite file of one L2 version, live or not."""
+        name = "strata.db" if version == 1 else f"strata.v{version}.db"
+        return self.root / "l2" / name
+
+    @property
+    def jobs(self) -> Path:
+        """State and reports of resumable jobs (backfills)."""
+        return self.root / "jobs"
 
     @property
     def ledger(self) -> Path:
@@ -36,3 +81,82 @@ class StorePaths:
     def workers(self) -> Path:
         """State files of running workers, read by `strata status`."""
         return self.root / "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class L2Pointer:
+    """What ``l2/CURRENT`` says: the live version and the one it replaced."""
+
+    version: int
+    previous: int | None = None
+    switched_ms: int = 0
+
+    def to_json(self) -> str:
+        """The file's content."""
+        return json.dumps(
+            {
+                "version": self.version,
+                "previous": self.previous,
+                "switched_ms": self.switched_ms,
+            },
+            sort_keys=True,
+        )
+
+
+def read_l2_pointer(path: Path) -> L2Pointer | None:
+    """Read the pointer file; None when there is none.
+
+    Raises:
+        StoreError: it exists but is unreadable or malformed. Falling back to
+            version 1 instead would silently serve a stale projection.
+    """
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"L2 pointer {path}: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(raw)
+        version = doc["version"]
+        previous = doc.get("previous")
+        switched_ms = doc.get("switched_ms", 0)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"L2 pointer {path}: not a pointer file: {exc}") from exc
+    if not isinstance(version, int) or version < 1:
+        raise StoreError(f"L2 pointer {path}: field version is {version!r}")
+    if previous is not None and (not isinstance(previous, int) or previous < 1):
+        raise StoreError(f"L2 pointer {path}: field previous is {previous!r}")
+    return L2Pointer(version, previous, int(switched_ms))
+
+
+def write_l2_pointer(path: Path, pointer: L2Pointer) -> None:
+    """Replace the pointer file atomically and durably.
+
+    The new content goes to a temporary file in the same folder, is synced,
+    and is renamed over the old one; the folder is synced so the rename
+    survives a power cut.
+
+    Raises:
+        StoreError: the file cannot be written; the old pointer stays.
+    """
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".CURRENT.")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(pointer.to_json() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StoreError(f"L2 pointer {path}: cannot be written: {exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

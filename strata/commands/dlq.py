@@ -33,11 +33,10 @@ def dlq_list_cmd(as_json: JsonOpt = False) -> None:
 def dlq_replay_cmd(as_json: JsonOpt = False) -> None:
     """Send back every dead letter that now applies; keep and explain the rest."""
     from consumers.dlq import replay_dead_letters
-    from strata.keystore import LocalKeystore
-    from strata.paths import StorePaths
+    from strata.keystore import open_keystore
 
     cfg = settings()
-    keystore = LocalKeystore(StorePaths(cfg.data_dir).keys, cfg.master_key_path)
+    keystore = open_keystore(cfg)
     result = run(replay_dead_letters(cfg, keystore))
     emit(
         as_json,

@@ -35,10 +35,10 @@ def _drop(paths: StorePaths, name: str) -> None:
 async def _preflight(source: Settings) -> None:
     """Fail before anything is dropped if the replay could not run."""
     from strata.kafka import end_offsets
-    from strata.keystore import LocalKeystore
+    from strata.keystore import open_keystore
 
     await end_offsets(source, [source.memory_topic])
-    LocalKeystore(StorePaths(source.data_dir).keys, source.master_key_path).tenants()
+    open_keystore(source).tenants()
 
 
 def _refuse_if_workers_run(paths: StorePaths) -> None:
@@ -64,9 +64,9 @@ async def rebuild(
     from consumers.worker import Worker
     from projections.registry import digests
     from strata.kafka import end_offsets
-    from strata.keystore import LocalKeystore
+    from strata.keystore import open_keystore
 
-    keystore = LocalKeystore(StorePaths(source.data_dir).keys, source.master_key_path)
+    keystore = open_keystore(source)
     ends = await end_offsets(source, [source.memory_topic])
     total = sum(ends.values())
     worker = Worker(

@@ -1,0 +1,222 @@
+"""Envelope encryption and the keyring, without a broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from strata.config import load_settings
+from strata.crypto import open_sealed, seal
+from strata.errors import DecryptionError, ErasedError, KeyUnavailableError
+from strata.keystore import Keyring, LocalKeystore, open_keystore
+from strata.kms import LocalKms
+
+
+def _ring(tmp_path: Path, **options: int) -> LocalKeystore:
+    return LocalKeystore(tmp_path / "keys", tmp_path / "keys" / "master.key", **options)
+
+
+def _forms(secret: bytes) -> list[bytes]:
+    """The ways key material could leak: raw, hex and base64."""
+    return [secret, secret.hex().encode(), base64.b64encode(secret)]
+
+
+def test_a_ciphertext_moved_to_another_record_key_or_tenant_fails(
+    tmp_path: Path,
+) -> None:
+    """Associated data binds tenant, key and event id; keys bind the tenant."""
+    ring = _ring(tmp_path)
+    acme = ring.primary("acme")
+    globex = ring.primary("globex")
+    sealed = seal(acme, b"the plan", tenant="acme", key="k1", event_id="e1")
+    opened = open_sealed(
+        acme, sealed.nonce, sealed.ciphertext, tenant="acme", key="k1", event_id="e1"
+    )
+    assert opened == b"the plan"
+
+    moves = [
+        (acme, "acme", "k2", "e1"),  # another key of the same tenant
+        (acme, "acme", "k1", "e2"),  # another event of the same key
+        (globex, "globex", "k1", "e1"),  # another tenant, under its own key
+        (acme, "globex", "k1", "e1"),  # another tenant's record, same key material
+        (ring.rotate("acme"), "acme", "k1", "e1"),  # another key version
+    ]
+    for key, tenant, name, event_id in moves:
+        with pytest.raises(DecryptionError) as caught:
+            open_sealed(
+                key,
+                sealed.nonce,
+                sealed.ciphertext,
+                tenant=tenant,
+                key=name,
+                event_id=event_id,
+            )
+        message = str(caught.value)
+        assert f"event {event_id}" in message
+        assert repr(tenant) in message
+        assert repr(name) in message
+        assert f"v{key.version}" in message
+        assert "the plan" not in message
+
+
+def test_a_data_key_seals_only_its_own_tenant(tmp_path: Path) -> None:
+    ring = _ring(tmp_path)
+    with pytest.raises(ValueError, match="own tenant"):
+        seal(ring.primary("acme"), b"x", tenant="globex", key="k", event_id="e")
+
+
+def test_a_wrapped_key_moved_to_another_tenant_or_version_does_not_unwrap(
+    tmp_path: Path,
+) -> None:
+    ring = _ring(tmp_path)
+    ring.primary("acme")
+    ring.rotate("acme")
+    ring.primary("globex")
+    path = tmp_path / "keys" / "keystore.json"
+    doc = json.loads(path.read_text())
+    acme = doc["tenants"]["acme"]["versions"]
+    doc["tenants"]["globex"]["versions"]["1"]["wrapped"] = acme["1"]["wrapped"]
+    acme["1"]["wrapped"] = acme["2"]["wrapped"]
+    path.write_text(json.dumps(doc))
+
+    fresh = _ring(tmp_path)
+    with pytest.raises(KeyUnavailableError, match="does not unwrap"):
+        fresh.data_key("globex", 1)
+    with pytest.raises(KeyUnavailableError, match="does not unwrap"):
+        fresh.data_key("acme", 1)
+    assert fresh.data_key("acme", 2).version == 2
+
+
+def test_encryptions_are_counted_durably_and_versions_rotate_early(
+    tmp_path: Path,
+) -> None:
+    """Reservations are written before use, so the file never undercounts."""
+    ring = _ring(tmp_path, rotate_after=128)
+    sealed_under: dict[int, int] = {}
+    for i in range(300):
+        key = ring.primary("acme")
+        seal(key, b"p", tenant="acme", key=f"k{i}", event_id=f"e{i}")
+        sealed_under[key.version] = sealed_under.get(key.version, 0) + 1
+
+    recorded = {i.version: i.encryptions for i in _ring(tmp_path).versions("acme")}
+    assert len(sealed_under) >= 3, sealed_under
+    for version, count in sealed_under.items():
+        assert count <= recorded[version], (version, count, recorded)
+        assert recorded[version] <= 128 + 2, recorded
+    assert _ring(tmp_path).primary_version("acme") == max(recorded)
+
+    # A process that dies leaves its unused reservation counted, never less.
+    before = recorded[max(recorded)]
+    other = _ring(tmp_path)
+    seal(other.primary("acme"), b"p", tenant="acme", key="k", event_id="x")
+    after = {i.version: i.encryptions for i in _ring(tmp_path).versions("acme")}
+    assert after[max(recorded)] >= before + 1
+
+
+def test_a_version_never_exceeds_its_cap(tmp_path: Path) -> None:
+    ring = _ring(tmp_path, rotate_after=10, max_encryptions=40)
+    held = ring.primary("acme")
+    for i in range(40):
+        seal(held, b"p", tenant="acme", key="k", event_id=f"e{i}")
+    with pytest.raises(KeyUnavailableError, match="used all 40 encryptions"):
+        seal(held, b"p", tenant="acme", key="k", event_id="e40")
+    again = _ring(tmp_path, rotate_after=10, max_encryptions=40).data_key("acme", 1)
+    with pytest.raises(KeyUnavailableError, match="used all 40"):
+        seal(again, b"p", tenant="acme", key="k", event_id="e41")
+    assert ring.primary("acme").version > 1
+
+
+def test_unwrapped_keys_are_cached_briefly_and_state_changes_win(
+    tmp_path: Path,
+) -> None:
+    class CountingKms(LocalKms):
+        unwraps = 0
+
+        def unwrap(self, name: str, token: str, context: bytes) -> bytes:
+            CountingKms.unwraps += 1
+            return super().unwrap(name, token, context)
+
+    keys = tmp_path / "keys"
+    ring = Keyring(keys, CountingKms(keys, keys / "master.key"), cache_ttl_s=0.3)
+    ring.primary("acme")
+    ring.rotate("acme")
+    time.sleep(0.35)
+    first = CountingKms.unwraps
+    ring.data_key("acme", 1)
+    ring.data_key("acme", 1)
+    assert CountingKms.unwraps == first + 1
+    time.sleep(0.35)
+    ring.data_key("acme", 1)
+    assert CountingKms.unwraps == first + 2
+
+    # Another process retires v1: this one stops using its cached copy at once.
+    _ring(tmp_path).retire("acme", 1)
+    with pytest.raises(KeyUnavailableError, match="retired"):
+        ring.data_key("acme", 1)
+    assert ring.has_version("acme", ring.primary("acme").key_id, 1)
+
+
+def test_rollback_retire_and_shred(tmp_path: Path) -> None:
+    ring = _ring(tmp_path)
+    ring.primary("acme")
+    assert ring.rotate("acme").version == 2
+    ring.set_primary("acme", 1)
+    assert ring.primary("acme").version == 1
+    assert ring.ensure_version("acme", 2, job_id="j") is False
+    assert ring.ensure_version("acme", 3, job_id="j") is True
+    assert ring.primary_version("acme") == 3
+    with pytest.raises(KeyUnavailableError, match="cannot create 5"):
+        ring.ensure_version("acme", 5, job_id="j")
+    with pytest.raises(KeyUnavailableError, match="primary"):
+        ring.retire("acme", 3)
+
+    backup = tmp_path / "backup.json"
+    shutil.copy(tmp_path / "keys" / "keystore.json", backup)
+    erasure = ring.shred("acme")
+    assert erasure.versions == [1, 2, 3]
+    assert erasure.kms_key_deleted
+    with pytest.raises(ErasedError):
+        ring.primary("acme")
+    with pytest.raises(ErasedError):
+        ring.data_key("acme", 2)
+    assert ring.shred("acme").erasure_id == erasure.erasure_id
+
+    # Even a backup of the keystore taken before the erasure is useless:
+    # the tenant's key-encryption key is gone from the KMS.
+    shutil.copy(backup, tmp_path / "keys" / "keystore.json")
+    with pytest.raises(KeyUnavailableError, match="does not exist"):
+        _ring(tmp_path).data_key("acme", 2)
+
+
+def test_key_material_never_shows_in_reprs_files_or_settings(tmp_path: Path) -> None:
+    ring = _ring(tmp_path)
+    keys = [ring.primary("acme"), ring.rotate("acme"), ring.primary("globex")]
+    master = (tmp_path / "keys" / "master.key").read_bytes()
+    sealed = seal(keys[0], b"a secret payload", tenant="acme", key="k", event_id="e")
+    shown = " ".join(repr(x) for x in (*keys, sealed, ring, ring.kms))
+    for key in keys:
+        for form in _forms(key.material):
+            assert form.decode(errors="ignore") not in shown
+    assert "a secret payload" not in shown
+
+    for name in ("keystore.json", "kms.json"):
+        path = tmp_path / "keys" / name
+        assert path.stat().st_mode & 0o777 == 0o600
+        data = path.read_bytes()
+        for secret in [k.material for k in keys] + [master]:
+            for form in _forms(secret):
+                assert form not in data, name
+    assert (tmp_path / "keys" / "master.key").stat().st_mode & 0o777 == 0o600
+
+    settings = load_settings(
+        data_dir=tmp_path, kms_url="http://127.0.0.1:1", kms_token="hunter2-token"
+    )
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert "hunter2-token" not in text
+    remote = open_keystore(settings)
+    assert "hunter2-token" not in repr(remote) + repr(remote.kms)
