@@ -1,19 +1,24 @@
-"""The audit ledger: per partition, an append-only chain of entries.
+"""The audit ledger: per partition, an append-only chain of entries under
+signed Merkle checkpoints that anyone holding the public key can check.
 
-Files in the ledger folder, for partition ``N``::
+The files and the entry format are described in :mod:`projections.ledger_files`;
+verification is :mod:`projections.ledger_verify`, proofs
+:mod:`projections.ledger_proofs`.
 
-    pNNNNN.log    one JSON entry per line
-    pNNNNN.ckpt   {"next_offset", "size", "entries", "head"}, replaced atomically
+Every ``ledger_checkpoint_entries`` entries, and when entries have waited
+``ledger_checkpoint_interval_ms`` unsigned, the writer signs a tree head: the
+partition's size and Merkle root, the time, and the hash of the previous tree
+head, with the ledger's Ed25519 key (:mod:`strata.signing`). Heads at
+multiples of the entry interval fall at the same sizes however the log was
+batched, so a rebuild signs the same roots there. The Merkle tree is kept as
+its frontier (:class:`~projections.merkle.Frontier`, ``O(log n)`` hashes in
+the checkpoint file), so an append costs one leaf hash and one node hash
+amortised, and never reads the log.
 
-An entry's hash is ``SHA-256(0x00 || line)`` (the RFC 6962 leaf hash), and each
-entry carries the hash of the one before it. Entries hold the SHA-256 of the
-event's raw message (ciphertext and metadata), never plaintext.
-
-Exactly once: a batch is appended and fsynced, then the checkpoint file is
-replaced. On the next batch, bytes past the checkpoint's ``size`` (a batch
-appended by a worker that died before its checkpoint) are cut off and the
-events they held are appended again. A cross-process lock keeps two workers
-of one data dir from interleaving on a partition.
+Exactly once: a batch's entries are appended and fsynced, then its tree heads,
+then the checkpoint file is replaced. On the next batch, bytes past the sizes
+the checkpoint records (a worker died in between) are cut off and the events
+they held are appended again.
 """
 
 from __future__ import annotations
@@ -22,100 +27,106 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import aiofiles
-import aiofiles.os
 import structlog
 
 from projections.base import Envelope, Outcome
+from projections.ledger_files import (
+    GENESIS,
+    PartitionState,
+    ckpt_path,
+    entry_hash,
+    entry_line,
+    iter_entries,
+    log_path,
+    partitions_in,
+    read_state,
+    scan_frontier,
+    sth_path,
+)
+from projections.ledger_findings import Finding
+from projections.ledger_verify import VerifyReport, verify_ledger
+from projections.merkle import Frontier
+from strata.config import Settings, load_settings
 from strata.errors import StoreError
+from strata.paths import StorePaths
+from strata.signing import LedgerSigner, TreeHead, load_or_create_signer, sign_tree_head
+
+__all__ = [
+    "GENESIS",
+    "Finding",
+    "LedgerProjection",
+    "PartitionState",
+    "VerifyReport",
+    "entry_hash",
+    "iter_entries",
+    "ledger_digest",
+    "partitions_in",
+    "read_state",
+    "verify_ledger",
+]
 
 log = structlog.get_logger(__name__)
 
-GENESIS = "0" * 64
+_LOCK_WAIT_S = 60.0
 _LEAF = b"\x00"
+_NODE = b"\x01"
 
 
-def entry_hash(line: bytes) -> bytes:
-    """The hash of one entry: SHA-256 of 0x00 and the line without its newline."""
-    return hashlib.sha256(_LEAF + line).digest()
-
-
-@dataclass
-class PartitionState:
-    """What the checkpoint file of one partition says."""
-
-    next_offset: int = 0
-    size: int = 0
-    entries: int = 0
-    head: str = GENESIS
-    stamp: tuple[int, int] | None = field(default=None, compare=False)
-
-    def to_json(self) -> bytes:
-        """The checkpoint file's content."""
-        doc = {
-            "next_offset": self.next_offset,
-            "size": self.size,
-            "entries": self.entries,
-            "head": self.head,
-        }
-        return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def _log_path(directory: Path, partition: int) -> Path:
-    return directory / f"p{partition:05d}.log"
-
-
-def _ckpt_path(directory: Path, partition: int) -> Path:
-    return directory / f"p{partition:05d}.ckpt"
-
-
-def read_state(directory: Path, partition: int) -> PartitionState:
-    """Read one partition's checkpoint; a missing file means an empty ledger.
-
-    Raises:
-        StoreError: the file exists but cannot be read or parsed.
-    """
-    path = _ckpt_path(directory, partition)
-    try:
-        st = path.stat()
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return PartitionState()
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"ledger checkpoint {path}: {exc}") from exc
-    return PartitionState(
-        next_offset=int(doc["next_offset"]),
-        size=int(doc["size"]),
-        entries=int(doc["entries"]),
-        head=str(doc["head"]),
-        stamp=(st.st_mtime_ns, st.st_ino),
-    )
-
-
-def partitions_in(directory: Path) -> list[int]:
-    """Partitions that have a ledger file or checkpoint."""
-    found = set()
-    for path in directory.glob("p*.*"):
-        if path.suffix in {".log", ".ckpt"} and path.stem[1:].isdigit():
-            found.add(int(path.stem[1:]))
-    return sorted(found)
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class LedgerProjection:
-    """Appends one entry per applied event, per partition, exactly once."""
+    """Appends one entry per applied event, per partition, exactly once, and
+    signs a tree head every so many entries or seconds.
+
+    Args:
+        directory: the ledger folder.
+        settings: where the signing key and master key live and how often to
+            sign; by default read from the environment, with the data dir
+            taken to be the ledger folder's parent.
+        signer: the signing key to use instead of the one in the keys folder.
+    """
 
     name = "ledger"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        settings: Settings | None = None,
+        signer: LedgerSigner | None = None,
+    ) -> None:
         self.directory = directory
+        self._settings = settings
+        self._signer = signer
         self._states: dict[int, PartitionState] = {}
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force, read on first use."""
+        if self._settings is None:
+            self._settings = load_settings(data_dir=self.directory.parent)
+        return self._settings
+
+    def signer(self) -> LedgerSigner:
+        """The ledger signing key, unwrapped (and created) on first use.
+
+        Raises:
+            ConfigError: the master key cannot be used.
+            KeyUnavailableError: the signing key does not unwrap.
+        """
+        if self._signer is None:
+            settings = self.settings
+            self._signer = load_or_create_signer(
+                StorePaths(settings.data_dir).keys, settings.master_key_path
+            )
+        return self._signer
 
     def checkpoint(self, partition: int) -> int:
         """The next offset of ``partition`` the ledger has not applied."""
@@ -141,104 +152,216 @@ class LedgerProjection:
             StoreError: the ledger cannot be written; the checkpoint did not move.
         """
         try:
-            await aiofiles.os.makedirs(self.directory, exist_ok=True)
+            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
             async with self._locked(partition):
-                return await self._append_locked(
-                    partition, envelopes, outcomes, next_offset
+                return await asyncio.to_thread(
+                    self._append, partition, envelopes, outcomes, next_offset
                 )
         except OSError as exc:
             raise StoreError(
-                f"ledger {_log_path(self.directory, partition)}: {exc.strerror or exc}"
+                f"ledger {log_path(self.directory, partition)}: {exc.strerror or exc}"
             ) from exc
 
-    async def _append_locked(
+    def sign_now(self, partition: int) -> TreeHead | None:
+        """Sign a tree head over every entry of ``partition`` now, unless the
+        last one already covers them all; return it.
+
+        Raises:
+            StoreError: the ledger cannot be read or written, or its lock not taken.
+        """
+        try:
+            with self._locked_sync(partition):
+                state = self._current_state(partition)
+                if state.entries == state.signed_entries:
+                    return None
+                new = PartitionState(**{**state.__dict__, "stamp": None})
+                heads = self._sign(
+                    partition, new, [(state.entries, state.tree().root())]
+                )
+                new.unsigned_since_ms = 0
+                self._write_heads(partition, heads)
+                self._write_state(partition, new)
+                return heads[-1][0]
+        except OSError as exc:
+            raise StoreError(f"ledger {self.directory}: {exc.strerror or exc}") from exc
+
+    def _append(
         self,
         partition: int,
         envelopes: Sequence[Envelope],
         outcomes: Sequence[Outcome | None],
         next_offset: int,
     ) -> int:
-        state = await self._current_state(partition)
+        state = self._current_state(partition)
         if next_offset <= state.next_offset:
             return 0
-        lines: list[bytes] = []
+        every = self.settings.ledger_checkpoint_entries
+        frontier = state.tree()
+        peaks = frontier.peaks
         head, entries = state.head, state.entries
+        lines: list[bytes] = []
+        due: list[tuple[int, bytes]] = []
+        sha256 = hashlib.sha256
         for env, outcome in zip(envelopes, outcomes, strict=True):
             if env.offset < state.next_offset or outcome is None:
                 continue
-            line = _entry_line(entries, env, outcome, head)
-            head = entry_hash(line).hex()
+            line = entry_line(entries, env, outcome, head)
+            h = sha256(_LEAF + line).digest()
+            # Frontier.append, inlined: this loop runs once per event.
+            peaks.append(h)
+            merges = entries
+            while merges & 1:
+                right = peaks.pop()
+                peaks[-1] = sha256(_NODE + peaks[-1] + right).digest()
+                merges >>= 1
+            head = h.hex()
             entries += 1
-            lines.append(line + b"\n")
+            lines.append(line)
+            if entries % every == 0:
+                due.append((entries, Frontier(entries, peaks).root()))
+        frontier = Frontier(entries, peaks)
 
-        data = b"".join(lines)
-        path = _log_path(self.directory, partition)
-        if data:
-            async with aiofiles.open(path, "ab") as out:
-                await out.write(data)
-                await out.flush()
-                await asyncio.to_thread(os.fsync, out.fileno())
-        new = PartitionState(next_offset, state.size + len(data), entries, head)
-        await self._write_state(partition, new)
+        # The interval trigger: sign when the oldest unsigned entry has waited
+        # long enough. Entries signed by a count trigger above no longer wait.
+        now = _now_ms()
+        signed = due[-1][0] if due else state.signed_entries
+        still_waiting = signed == state.signed_entries < state.entries
+        oldest = state.unsigned_since_ms if still_waiting else now
+        interval = self.settings.ledger_checkpoint_interval_ms
+        if entries > signed and now - oldest >= interval:
+            due.append((entries, frontier.root()))
+        new = PartitionState(
+            next_offset=next_offset,
+            size=state.size,
+            entries=entries,
+            head=head,
+            frontier=frontier.to_hex(),
+            sth_size=state.sth_size,
+            sths=state.sths,
+            sth_head=state.sth_head,
+            signed_entries=state.signed_entries,
+        )
+        heads = self._sign(partition, new, due, now) if due else []
+        new.unsigned_since_ms = 0 if new.signed_entries == entries else oldest
+
+        if lines:
+            data = b"\n".join(lines) + b"\n"
+            _append_durably(log_path(self.directory, partition), data)
+            new.size += len(data)
+        self._write_heads(partition, heads)
+        self._write_state(partition, new)
         log.debug(
             "ledger.appended",
             partition=partition,
             entries=len(lines),
+            signed=len(heads),
             next_offset=next_offset,
         )
         return len(lines)
 
-    async def _current_state(self, partition: int) -> PartitionState:
-        """The checkpoint, with any uncheckpointed tail of the log cut off."""
+    def _sign(
+        self,
+        partition: int,
+        state: PartitionState,
+        due: Sequence[tuple[int, bytes]],
+        now: int | None = None,
+    ) -> list[tuple[TreeHead, bytes]]:
+        """Sign tree heads at the given (size, root) and advance ``state`` past them."""
+        signer = self.signer()
+        heads: list[tuple[TreeHead, bytes]] = []
+        prev = bytes.fromhex(state.sth_head)
+        for size, root in due:
+            head = sign_tree_head(signer, partition, size, root, prev, now)
+            line = head.line()
+            prev = hashlib.sha256(line).digest()
+            heads.append((head, line))
+            state.sth_size += len(line) + 1
+            state.sths += 1
+            state.signed_entries = size
+        state.sth_head = prev.hex()
+        if heads:
+            log.debug(
+                "ledger.signed",
+                partition=partition,
+                size=state.signed_entries,
+                root=heads[-1][0].root.hex(),
+                key_id=signer.key_id[:16],
+            )
+        return heads
+
+    def _write_heads(
+        self, partition: int, heads: Sequence[tuple[TreeHead, bytes]]
+    ) -> None:
+        if heads:
+            data = b"".join(line + b"\n" for _, line in heads)
+            _append_durably(sth_path(self.directory, partition), data)
+
+    def _current_state(self, partition: int) -> PartitionState:
+        """The checkpoint, with any uncheckpointed tail of either file cut off."""
         cached = self._states.get(partition)
-        ckpt = _ckpt_path(self.directory, partition)
         try:
-            st = ckpt.stat()
+            st = ckpt_path(self.directory, partition).stat()
             stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
         except FileNotFoundError:
             stamp = None
         if cached is not None and cached.stamp == stamp:
             state = cached
         else:
-            state = await asyncio.to_thread(read_state, self.directory, partition)
-        path = _log_path(self.directory, partition)
-        try:
-            size = (await aiofiles.os.stat(path)).st_size
-        except FileNotFoundError:
-            size = 0
-        if size > state.size:
-            log.warning(
-                "ledger.tail_discarded",
-                partition=partition,
-                bytes=size - state.size,
-                consequence="entries past the checkpoint are appended again",
-            )
-            await asyncio.to_thread(os.truncate, path, state.size)
-        elif size < state.size:
+            state = read_state(self.directory, partition)
+        path = log_path(self.directory, partition)
+        if stamp is None and path.exists() and path.stat().st_size:
+            # Cutting the log back to an empty checkpoint would destroy the
+            # audit trail; a rebuild from the topic is the way to start over.
             raise StoreError(
-                f"ledger {path} holds {size} bytes but its checkpoint says "
-                f"{state.size}: the ledger was truncated (run `strata ledger verify`)"
+                f"ledger {path} holds entries but its checkpoint file is missing; "
+                "move the ledger folder away and run `strata rebuild --projection "
+                "ledger` to rebuild it from the topic"
             )
+        if state.frontier is None:
+            # A checkpoint from before tree heads: rebuild the frontier once.
+            tree, head = scan_frontier(path, state.size)
+            if tree.size != state.entries or head != state.head:
+                raise StoreError(
+                    f"ledger {path} does not match its checkpoint "
+                    "(run `strata ledger verify`)"
+                )
+            state.frontier = tree.to_hex()
+        try:
+            state.tree()
+        except ValueError as exc:
+            raise StoreError(
+                f"ledger checkpoint {ckpt_path(self.directory, partition)}: {exc}"
+            ) from exc
+        _cut_tail(path, state.size, partition, "entries")
+        _cut_tail(
+            sth_path(self.directory, partition),
+            state.sth_size,
+            partition,
+            "tree heads",
+        )
         self._states[partition] = state
         return state
 
-    async def _write_state(self, partition: int, state: PartitionState) -> None:
-        path = _ckpt_path(self.directory, partition)
+    def _write_state(self, partition: int, state: PartitionState) -> None:
+        path = ckpt_path(self.directory, partition)
         tmp = path.with_suffix(".ckpt.tmp")
-        async with aiofiles.open(tmp, "wb") as out:
-            await out.write(state.to_json())
-            await out.flush()
-            await asyncio.to_thread(os.fsync, out.fileno())
-        await aiofiles.os.replace(tmp, path)
+        with tmp.open("wb") as out:
+            out.write(state.to_json())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
         st = path.stat()
         state.stamp = (st.st_mtime_ns, st.st_ino)
         self._states[partition] = state
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, partition: int) -> AsyncIterator[None]:
-        fd = os.open(
+    def _lock_fd(self, partition: int) -> int:
+        return os.open(
             self.directory / f"p{partition:05d}.lock", os.O_RDWR | os.O_CREAT, 0o600
         )
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, partition: int) -> AsyncIterator[None]:
+        fd = self._lock_fd(partition)
         try:
             while True:
                 try:
@@ -250,170 +373,74 @@ class LedgerProjection:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def _locked_sync(self, partition: int) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = self._lock_fd(partition)
+        try:
+            deadline = time.monotonic() + _LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(
+                            f"ledger partition {partition} stayed locked for "
+                            f"{_LOCK_WAIT_S:g}s"
+                        ) from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)
+
     def digest(self) -> str:
-        """A digest of every partition's head, count and checkpoint."""
+        """A digest of every partition's entries, head and Merkle root."""
         return ledger_digest(self.directory)
 
 
-def _entry_line(seq: int, env: Envelope, outcome: Outcome, prev: str) -> bytes:
-    event = env.event
-    entry: dict[str, Any] = {
-        "seq": seq,
-        "partition": env.partition,
-        "offset": env.offset,
-        "event_id": event.event_id,
-        "tenant": event.tenant,
-        "key": getattr(event, "key", ""),
-        "action": outcome.action,
-        "version": outcome.version,
-        "time_ms": event.time_ms,
-        "event_hash": env.event_hash.hex(),
-        "prev": prev,
-    }
-    return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode()
+def _append_durably(path: Path, data: bytes) -> None:
+    with path.open("ab") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _cut_tail(path: Path, size: int, partition: int, what: str) -> None:
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        actual = 0
+    if actual > size:
+        log.warning(
+            "ledger.tail_discarded",
+            partition=partition,
+            file=path.name,
+            bytes=actual - size,
+            consequence=f"{what} past the checkpoint are written again",
+        )
+        os.truncate(path, size)
+    elif actual < size:
+        raise StoreError(
+            f"ledger {path} holds {actual} bytes but its checkpoint says {size}: "
+            "it was truncated (run `strata ledger verify`)"
+        )
 
 
 def ledger_digest(directory: Path) -> str:
-    """SHA-256 over each partition's (partition, entries, head), in partition order."""
+    """SHA-256 over each partition's entry count, chain head and Merkle root.
+
+    Signed tree heads are left out: where the time trigger placed them
+    depends on when batches arrived, while the entries and roots do not.
+    """
     h = hashlib.sha256()
     for partition in partitions_in(directory):
         state = read_state(directory, partition)
-        h.update(f"{partition}:{state.entries}:{state.head};".encode())
+        if state.frontier is None:
+            tree, _ = scan_frontier(log_path(directory, partition), state.size)
+        else:
+            tree = state.tree()
+        h.update(
+            f"{partition}:{state.entries}:{state.head}:{tree.root().hex()};".encode()
+        )
     return h.hexdigest()
-
-
-# -- verification -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One problem a verification found, and where."""
-
-    partition: int
-    entry: int | None
-    problem: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form."""
-        return {
-            "partition": self.partition,
-            "entry": self.entry,
-            "problem": self.problem,
-        }
-
-
-@dataclass
-class VerifyReport:
-    """The result of verifying a ledger folder."""
-
-    entries: int = 0
-    partitions: int = 0
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when no finding was made."""
-        return not self.findings
-
-
-def iter_entries(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number from 0, line without newline) of a ledger file."""
-    with path.open("rb") as src:
-        for number, line in enumerate(src):
-            yield number, line.rstrip(b"\n")
-
-
-def verify_partition(directory: Path, partition: int, report: VerifyReport) -> None:
-    """Check one partition's chain and checkpoint, adding findings to ``report``."""
-    path = _log_path(directory, partition)
-    prev = GENESIS
-    last_offset = -1
-    count = 0
-    size = 0
-    add = report.findings.append
-    if path.exists():
-        for number, line in iter_entries(path):
-            size += len(line) + 1
-            count += 1
-            try:
-                entry = json.loads(line)
-                seq, offset, entry_prev = entry["seq"], entry["offset"], entry["prev"]
-            except (ValueError, KeyError, TypeError):
-                add(Finding(partition, number, "entry is not a valid ledger entry"))
-                prev = entry_hash(line).hex()
-                continue
-            if seq != number:
-                add(
-                    Finding(
-                        partition, number, f"sequence number {seq}, expected {number}"
-                    )
-                )
-            if entry_prev != prev:
-                add(
-                    Finding(
-                        partition,
-                        number,
-                        "previous-hash link broken: entry before it was changed, "
-                        "removed or reordered, or this entry was inserted",
-                    )
-                )
-            if entry.get("partition") != partition:
-                add(
-                    Finding(
-                        partition,
-                        number,
-                        f"entry names partition {entry.get('partition')}",
-                    )
-                )
-            if not isinstance(offset, int) or offset <= last_offset:
-                add(
-                    Finding(
-                        partition,
-                        number,
-                        f"offset {offset} does not increase (previous {last_offset})",
-                    )
-                )
-            else:
-                last_offset = offset
-            prev = entry_hash(line).hex()
-    report.entries += count
-    report.partitions += 1
-
-    try:
-        state = read_state(directory, partition)
-    except StoreError as exc:
-        add(Finding(partition, None, str(exc)))
-        return
-    if state.entries != count:
-        what = "truncated" if count < state.entries else "extended past its checkpoint"
-        add(
-            Finding(
-                partition,
-                min(count, state.entries),
-                f"ledger {what}: {count} entries, checkpoint says {state.entries}",
-            )
-        )
-    elif state.head != prev:
-        add(
-            Finding(
-                partition,
-                count - 1 if count else None,
-                "last entry does not hash to the checkpoint's head",
-            )
-        )
-    elif state.size != size:
-        add(
-            Finding(
-                partition, None, f"file is {size} bytes, checkpoint says {state.size}"
-            )
-        )
-
-
-def verify_ledger(directory: Path) -> VerifyReport:
-    """Verify every partition's chain against its checkpoint."""
-    report = VerifyReport()
-    if not directory.exists():
-        return report
-    for partition in partitions_in(directory):
-        verify_partition(directory, partition, report)
-    return report

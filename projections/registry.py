@@ -19,7 +19,10 @@ def build_followers(
     without it L3 uses its defaults.
     """
     options = L3Options.from_settings(settings) if settings else L3Options()
-    return [LedgerProjection(paths.ledger), L3Projection(paths, options)]
+    return [
+        LedgerProjection(paths.ledger, settings=settings),
+        L3Projection(paths, options),
+    ]
 
 
 def digests(paths: StorePaths) -> dict[str, str]:
