@@ -189,6 +189,7 @@ class Worker:
     async def _loop(self, targets: dict[int, int]) -> None:
         assert self._consumer is not None
         while not self.stopping:
+            self._follow_l2_pointer()
             if targets and self._caught_up(targets):
                 log.info("worker.caught_up", partitions=len(targets))
                 return
@@ -208,10 +209,33 @@ class Worker:
             if not batches:
                 continue
             async with self._lock:
+                if self._follow_l2_pointer():
+                    # This fetch began at the old version's positions.
+                    continue
                 for tp, messages in batches.items():
                     if tp in self._owned and messages:
                         await self._process(tp, messages)
             await self._commit(self._consumer, set(batches) & self._owned)
+
+    def _follow_l2_pointer(self) -> bool:
+        """Switch to the L2 version ``l2/CURRENT`` names; True when it changed.
+
+        A shadow migration's cutover replaces the pointer; the worker then
+        writes the new version and seeks to its checkpoints.
+        """
+        current = self.paths.l2_db
+        if self.l2 is None or current == self.l2.path:
+            return False
+        old = self.l2
+        self.l2 = L2Projection(current, synchronous=self.settings.sqlite_synchronous)
+        old.close()
+        assert self._consumer is not None
+        for tp in self._owned:
+            start = self._checkpoint(tp.partition)
+            self._consumer.seek(tp, start)
+            self._positions[tp] = start
+        log.info("worker.l2_switched", path=str(current))
+        return True
 
     def _caught_up(self, targets: dict[int, int]) -> bool:
         assert self.l2 is not None

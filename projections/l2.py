@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -589,17 +589,32 @@ def digest_database(conn: sqlite3.Connection) -> str:
 
 
 class L2Reader:
-    """Read access to L2 for the read API; never writes."""
+    """Read access to L2 for the read API; never writes.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    Given a function instead of a path, it resolves the database on every
+    query and reconnects when the answer changes, so a long-lived reader
+    follows a shadow migration's cutover.
+    """
+
+    def __init__(self, path: Path | Callable[[], Path]) -> None:
+        self._where = path
         self._conn: sqlite3.Connection | None = None
+        self._open: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        """The database this reader reads now."""
+        return self._where() if callable(self._where) else self._where
 
     def _db(self) -> sqlite3.Connection | None:
+        path = self.path
+        if self._conn is not None and path != self._open:
+            self.close()
         if self._conn is None:
-            if not self.path.exists():
+            if not path.exists():
                 return None
-            self._conn = connect(self.path, readonly=True)
+            self._conn = connect(path, readonly=True)
+            self._open = path
         return self._conn
 
     def close(self) -> None:
@@ -607,6 +622,7 @@ class L2Reader:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._open = None
 
     def checkpoint(self, partition: int) -> int:
         """The next offset of ``partition`` L2 has not applied."""

@@ -133,7 +133,7 @@ class Reader:
 
     def __init__(
         self,
-        l2_path: Path,
+        l2_path: Path | Callable[[], Path],
         keystore: Keyring,
         *,
         l1: L1Cache | None = None,
@@ -143,17 +143,19 @@ class Reader:
         clock: Callable[[], int] = _wall_ms,
     ) -> None:
         self.l2 = L2Reader(l2_path)
-        self.l3 = L3Reader(l3_dir or StorePaths(l2_path.parent.parent).l3)
+        # Every L2 version lives in the same folder; L3 and read stats sit beside it.
+        first = self.l2.path
+        self.l3 = L3Reader(l3_dir or StorePaths(first.parent.parent).l3)
         self.l1 = l1
         self.keystore = keystore
         self.metrics = metrics
-        self.stats = ReadStats(read_stats_path(l2_path)) if track_reads else None
+        self.stats = ReadStats(read_stats_path(first)) if track_reads else None
         self._clock = clock
 
     @classmethod
     def from_paths(cls, paths: StorePaths, keystore: Keyring, **options: Any) -> Reader:
-        """A reader of a data dir's live L2 and its L3; ``options`` as above."""
-        return cls(paths.l2_db, keystore, l3_dir=paths.l3, **options)
+        """A reader of a data dir's live L2 (following cutovers) and its L3."""
+        return cls(lambda: paths.l2_db, keystore, l3_dir=paths.l3, **options)
 
     def close(self) -> None:
         """Release the database connections."""

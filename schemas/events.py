@@ -51,6 +51,9 @@ class MemoryWritten(_Event):
     content_hash: bytes
     expected_version: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Added in MemoryWritten.v2; version 1 events read with these defaults.
+    tags: list[str] = field(default_factory=list)
+    source_ref: str | None = None
 
 
 @dataclass(slots=True)

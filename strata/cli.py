@@ -267,8 +267,7 @@ def _reader(settings: Settings) -> Any:
     from strata.keystore import open_keystore
     from strata.paths import StorePaths
 
-    paths = StorePaths(settings.data_dir)
-    return Reader(paths.l2_db, open_keystore(settings))
+    return Reader.from_paths(StorePaths(settings.data_dir), open_keystore(settings))
 
 
 @app.command("get")
