@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -219,9 +220,19 @@ class MemoryProducer:
         delivery = await self._producer.send(
             self.settings.memory_topic, value=value, key=event.message_key
         )
-        return asyncio.ensure_future(_token(delivery))
+        # Chained by callback: a task per event would cost more than the send.
+        token: asyncio.Future[WriteToken] = asyncio.get_running_loop().create_future()
+        delivery.add_done_callback(partial(_settle, token))
+        return token
 
 
-async def _token(delivery: asyncio.Future[object]) -> WriteToken:
-    metadata = await delivery
-    return WriteToken(metadata.partition, metadata.offset)  # type: ignore[attr-defined]
+def _settle(token: asyncio.Future[WriteToken], delivery: asyncio.Future[Any]) -> None:
+    if token.done():
+        return
+    if delivery.cancelled():
+        token.cancel()
+    elif (error := delivery.exception()) is not None:
+        token.set_exception(error)
+    else:
+        metadata = delivery.result()
+        token.set_result(WriteToken(metadata.partition, metadata.offset))

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
 from strata.kafka import end_offsets
@@ -28,7 +29,7 @@ def start_worker_process(
 
 
 def applied_offsets(paths: StorePaths) -> int:
-    """Sum over partitions of the lowest checkpoint of L2 and the ledger."""
+    """Sum over partitions of the lowest checkpoint of L2, the ledger and L3."""
     if not paths.l2_db.exists():
         return 0
     try:
@@ -37,7 +38,12 @@ def applied_offsets(paths: StorePaths) -> int:
     except sqlite3.OperationalError:
         return 0
     ledger = LedgerProjection(paths.ledger).checkpoints()
-    return sum(min(off, ledger.get(p, 0)) for p, off in l2.items())
+    l3 = L3Reader(paths.l3)
+    try:
+        archive = l3.checkpoints()
+    finally:
+        l3.close()
+    return sum(min(off, ledger.get(p, 0), archive.get(p, 0)) for p, off in l2.items())
 
 
 async def wait_caught_up(settings: Settings, *, timeout_s: float = 120.0) -> None:

@@ -140,6 +140,10 @@ async def test_full_disk_blocks_commits_then_resumes(
 
             filler.unlink()
             await wait_caught_up(topics, timeout_s=60)
+            deadline = time.monotonic() + 30
+            while worker.report.events_applied < 800:
+                assert time.monotonic() < deadline, worker.report
+                await asyncio.sleep(0.05)
             assert worker.blocked == {}
             assert worker.report.events_applied == 800
             assert await committed_offsets(topics, worker.group) != before_commits
