@@ -48,9 +48,14 @@ def entry_bytes(record: StoredRecord) -> int:
     return (
         _PER_ENTRY
         + sum(len(b) for b in blobs if b)
-        + sum(len(s.encode("utf-8", "surrogatepass")) for s in names)
+        + sum(_utf8_len(s) for s in names)
         + meta
     )
+
+
+def _utf8_len(text: str) -> int:
+    # Most names are ASCII, where the length is the byte count: no copy needed.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass

@@ -107,6 +107,14 @@ _UPSERT_RECORD = (
 )
 
 
+_METADATA_ENCODER = json.JSONEncoder(sort_keys=True)
+
+
+def _metadata_json(metadata: dict[str, str]) -> str:
+    """The stored form of metadata; the same bytes as ``json.dumps(..., sort_keys=True)``."""
+    return _METADATA_ENCODER.encode(metadata) if metadata else "{}"
+
+
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -550,9 +558,7 @@ class L2Projection:
                 written.nonce if payload and written else None,
                 written.ciphertext if payload and written else None,
                 written.content_hash if payload and written else None,
-                json.dumps(written.metadata, sort_keys=True)
-                if payload and written
-                else "{}",
+                _metadata_json(written.metadata) if payload and written else "{}",
             )
         )
         self._last_history_id = row_id

@@ -14,6 +14,16 @@ from typing import Any, ClassVar
 ACTIONS = ("written", "deleted", "rejected", "reencrypted", "tiered", "erased")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 @dataclass(slots=True)
 class _Event:
     """Common behaviour of the memory events."""
@@ -22,7 +32,7 @@ class _Event:
 
     def to_record(self) -> dict[str, Any]:
         """The Avro record of this event (a shallow dict of its fields)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
     @property
     def message_key(self) -> bytes:

@@ -16,6 +16,7 @@ durable count and which rotates the version long before that cap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -65,9 +66,12 @@ class DataKey:
         if len(self.material) != KEY_SIZE:
             raise ValueError(f"data keys are {KEY_SIZE} bytes")
 
-    @property
+    @functools.cached_property
     def mac_key(self) -> bytes:
-        """The HMAC key for content hashes, derived so it never equals the AEAD key."""
+        """The HMAC key for content hashes, derived so it never equals the AEAD key.
+
+        Derived once per key object: every write of a tenant pays for it otherwise.
+        """
         return hmac.new(self.material, _MAC_INFO, hashlib.sha256).digest()
 
 

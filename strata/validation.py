@@ -9,6 +9,7 @@ from strata.errors import UsageError
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CLASS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAX_KEY_CHARS = 1024
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_tenant(tenant: str) -> str:
@@ -28,7 +29,7 @@ def check_key(key: str) -> str:
     """A key is 1-1024 characters of any text but control characters."""
     if not key or len(key) > MAX_KEY_CHARS:
         raise UsageError(f"key: must be 1-{MAX_KEY_CHARS} characters, got {len(key)}")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+    if _CONTROL_RE.search(key):
         raise UsageError(f"key {key!r}: control characters are not allowed")
     return key
 

@@ -41,6 +41,8 @@ def applied_offsets(paths: StorePaths) -> int:
     l3 = L3Reader(paths.l3)
     try:
         archive = l3.checkpoints()
+    except sqlite3.OperationalError:
+        return 0  # the index exists but its worker has not created the tables yet
     finally:
         l3.close()
     return sum(min(off, ledger.get(p, 0), archive.get(p, 0)) for p, off in l2.items())

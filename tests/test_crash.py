@@ -142,6 +142,11 @@ async def test_two_workers_one_killed_third_joins(
         await writer
         await wait_caught_up(settings, timeout_s=180)
         for proc in (second, third):
+            # A worker signalled while still importing has no handler yet.
+            while not list(paths.workers.glob(f"{proc.pid}-*.json")):
+                assert proc.poll() is None
+                assert time.monotonic() < deadline + 120
+                await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0
         assert third.wait(timeout=60) == 0
