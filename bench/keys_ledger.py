@@ -1,0 +1,160 @@
+"""Key rotation rate (issue 4) and ledger verify rate and cost (issue 5).
+
+``rotation``: per run, a fresh prefix and data dir get ``--events`` sealed
+events (published before any clock starts) and a worker projects them; then
+:class:`consumers.rotation.RotationJob` rotates every tenant and re-encrypts
+what L2 holds (timed: records re-encrypted per second), and a worker applies
+the MemoryReencrypted events it published (timed: events per second, group
+join included).
+
+``ledger``: a worker projects the run's dataset topic on a fresh data dir
+with its ledger follower wrapped in a timing proxy (ledger apply seconds /
+worker seconds), then the ledger it wrote is verified with
+:func:`projections.ledger_verify.verify_ledger`, one process and two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench.context import Context
+from bench.dataset import publish_dataset
+from bench.registry import Measurement, stage, target
+from consumers.rotation import RotationJob
+from consumers.worker import Worker
+from projections.ledger_verify import verify_ledger
+from strata.keystore import open_keystore
+from strata.paths import StorePaths
+from strata.signing import load_public_key
+
+
+@stage("rotation", "key rotation: records re-encrypted/s, and applying them", order=86)
+def rotation(ctx: Context) -> list[Measurement]:
+    """One rotation of every tenant over a fresh topic of ``--events`` events."""
+    count = ctx.workload.events
+    settings = ctx.settings(ctx.fresh_name("rotation"), ctx.fresh_data_dir("rotation"))
+    group = ctx.fresh_name("rotation-workers")
+
+    async def run() -> tuple[int, float, int, float]:
+        await publish_dataset(settings, ctx.workload, count)
+        first = await Worker(settings, group=group, until_caught_up=True).run()
+        if first.events_applied != count:
+            raise RuntimeError(f"worker applied {first.events_applied} of {count}")
+        job = RotationJob(settings, open_keystore(settings), batch_size=2000)
+        began = time.perf_counter()
+        report = await job.run()
+        rotate_s = time.perf_counter() - began
+        began = time.perf_counter()
+        second = await Worker(settings, group=group, until_caught_up=True).run()
+        apply_s = time.perf_counter() - began
+        return report.counts.reencrypted, rotate_s, second.events_applied, apply_s
+
+    reencrypted, rotate_s, applied, apply_s = asyncio.run(run())
+    if reencrypted == 0:
+        raise RuntimeError("the rotation re-encrypted nothing")
+    print(
+        f"  rotation: {reencrypted} re-encrypted in {rotate_s:.2f}s; "
+        f"worker applied {applied} in {apply_s:.2f}s",
+        flush=True,
+    )
+    return [
+        Measurement(
+            "rotation.reencrypt",
+            reencrypted / rotate_s,
+            "records/s",
+            "rotation: RotationJob records re-encrypted",
+        ),
+        Measurement(
+            "rotation.apply",
+            applied / apply_s,
+            "events/s",
+            "rotation: worker applying MemoryReencrypted (join included)",
+        ),
+    ]
+
+
+class _TimedFollower:
+    """Forwards everything to a follower and adds up the seconds of ``apply``."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def apply(self, *args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return await self._inner.apply(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+
+@stage("ledger", "ledger: verify entries/s (1 and 2 jobs), share of worker", order=87)
+def ledger(ctx: Context) -> list[Measurement]:
+    """Project the dataset with a timed ledger, then verify the ledger it wrote."""
+    data = ctx.dataset()
+    settings = ctx.settings(
+        data.settings.topic_prefix,
+        ctx.fresh_data_dir("ledger", keys_from=data.settings.data_dir),
+    )
+    group = ctx.fresh_name("ledger-workers")
+
+    async def run() -> tuple[int, float, float]:
+        worker = Worker(settings, group=group, until_caught_up=True)
+        timed = None
+        for i, follower in enumerate(worker.followers):
+            if follower.name == "ledger":
+                timed = _TimedFollower(follower)
+                worker.followers[i] = timed  # type: ignore[call-overload]
+        if timed is None:
+            raise RuntimeError("the worker has no ledger follower")
+        began = time.perf_counter()
+        report = await worker.run()
+        return report.events_applied, time.perf_counter() - began, timed.seconds
+
+    applied, worker_s, ledger_s = asyncio.run(run())
+    if applied != data.events:
+        raise RuntimeError(f"worker applied {applied} of {data.events} events")
+    paths = StorePaths(settings.data_dir)
+    key = load_public_key(paths.keys)
+    out = [
+        Measurement(
+            "ledger.share",
+            ledger_s / worker_s,
+            "ratio",
+            "ledger apply seconds / worker run seconds",
+        )
+    ]
+    for jobs in (1, 2):
+        began = time.perf_counter()
+        report = verify_ledger(paths.ledger, key, jobs=jobs)
+        seconds = time.perf_counter() - began
+        if not report.ok or report.entries != data.events:
+            raise RuntimeError(
+                f"ledger verify (jobs={jobs}): ok={report.ok}, "
+                f"{report.entries} of {data.events} entries"
+            )
+        out.append(
+            Measurement(
+                f"ledger.verify_j{jobs}",
+                report.entries / seconds,
+                "entries/s",
+                f"ledger verify, jobs={jobs}",
+            )
+        )
+    print(
+        f"  ledger: apply {ledger_s:.2f}s of worker {worker_s:.2f}s; "
+        f"{applied} entries verified",
+        flush=True,
+    )
+    return out
+
+
+target("rotation.reencrypt", ">=", 20_000)
+target("ledger.verify_j1", ">=", 200_000)
+target("ledger.verify_j2", ">=", 200_000)
+target("ledger.share", "<", 0.10)
