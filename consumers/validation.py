@@ -7,6 +7,8 @@ whether a dead letter now applies.
 
 from __future__ import annotations
 
+from aiokafka.partitioner import murmur2
+
 from schemas.codec import Codec
 from schemas.events import Event, TenantErased
 from strata.config import Settings
@@ -17,32 +19,50 @@ from strata.keystore import Keyring
 GCM_TAG_BYTES = 16
 
 
+def key_partition(message_key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a key (murmur2, as Java's)."""
+    index: int = murmur2(message_key) & 0x7FFFFFFF
+    return index % partitions
+
+
 def validate_event(
     event: Event,
     message_key: bytes | None,
     settings: Settings,
     keystore: Keyring,
     known_keys: dict[tuple[str, str, int], bool] | None = None,
+    where: tuple[int, int] | None = None,
 ) -> None:
     """Refuse an event that decodes but cannot be applied.
 
     Args:
         known_keys: a cache of key-version checks, shared across one batch so
             the keystore is consulted once per (tenant, key id, version).
+        where: (partition, partition count) the message was read from, to
+            check it sits in its key's partition.
 
     Raises:
         ApplyError: naming the field that is wrong.
     """
     if not event.tenant:
         raise ApplyError("field tenant is empty")
+    # The message key decides the partition, and the partition decides the
+    # order of a key's events: a copy outside its key's partition would race
+    # the original, and a live store and its rebuild could disagree.
+    if message_key != event.message_key:
+        shown = message_key[:200] if message_key is not None else None
+        raise ApplyError(f"message key {shown!r} does not match the event's tenant/key")
     if isinstance(event, TenantErased):
         return
     if not event.key:
         raise ApplyError("field key is empty")
-    if message_key is not None and message_key != event.message_key:
-        raise ApplyError(
-            f"message key {message_key[:200]!r} does not match the event's tenant/key"
-        )
+    if where is not None:
+        partition, partitions = where
+        expected = key_partition(message_key, partitions)
+        if partition != expected:
+            raise ApplyError(
+                f"partition {partition}: the key's events belong to partition {expected}"
+            )
     ciphertext = getattr(event, "ciphertext", None)
     if ciphertext is None:
         return
@@ -72,6 +92,7 @@ def decode_and_validate(
     settings: Settings,
     keystore: Keyring,
     known_keys: dict[tuple[str, str, int], bool] | None = None,
+    where: tuple[int, int] | None = None,
 ) -> Event:
     """Decode a message value and validate the event.
 
@@ -82,5 +103,5 @@ def decode_and_validate(
     if value is None:
         raise CodecError("message has no value (a tombstone)")
     event = codec.decode(value)
-    validate_event(event, message_key, settings, keystore, known_keys)
+    validate_event(event, message_key, settings, keystore, known_keys, where)
     return event

@@ -38,7 +38,7 @@ from projections.registry import build_followers
 from schemas.codec import Codec
 from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
 from strata.config import Settings
-from strata.errors import ApplyError, CodecError, StoreError, StrataError
+from strata.errors import ApplyError, CodecError, StoreError, StrataError, UsageError
 from strata.kafka import bootstrap_of, end_offsets, start_client
 from strata.keystore import Keyring, open_keystore
 from strata.metrics import WorkerMetrics
@@ -134,13 +134,24 @@ class Worker:
         """
         bootstrap = bootstrap_of(self.settings)
         topic = self.settings.memory_topic
-        targets: dict[int, int] = {}
-        if self.until_caught_up:
-            ends = await end_offsets(self.settings, [topic])
-            targets = {tp.partition: off for tp, off in ends.items()}
+        ends = await end_offsets(self.settings, [topic])
+        if not ends:
+            raise UsageError(
+                f"topic {topic} does not exist on {bootstrap}: run `strata topics ensure`"
+            )
+        targets = (
+            {tp.partition: off for tp, off in ends.items()}
+            if self.until_caught_up
+            else {}
+        )
         self.l2 = L2Projection(
             self.paths.l2_db, synchronous=self.settings.sqlite_synchronous
         )
+        try:
+            self.l2.bind_topic(topic)
+        except StrataError:
+            self.l2.close()
+            raise
         self._dlq = AIOKafkaProducer(
             bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
         )
@@ -228,6 +239,7 @@ class Worker:
             return False
         old = self.l2
         self.l2 = L2Projection(current, synchronous=self.settings.sqlite_synchronous)
+        self.l2.bind_topic(self.settings.memory_topic)
         old.close()
         assert self._consumer is not None
         for tp in self._owned:
@@ -322,6 +334,9 @@ class Worker:
     ) -> list[Envelope]:
         envelopes: list[Envelope] = []
         known_keys: dict[tuple[str, str, int], bool] = {}
+        assert self._consumer is not None
+        count = len(self._consumer.partitions_for_topic(tp.topic) or ())
+        where = (tp.partition, count) if count else None
         for msg in messages:
             try:
                 event = decode_and_validate(
@@ -331,6 +346,7 @@ class Worker:
                     self.settings,
                     self.keystore,
                     known_keys,
+                    where,
                 )
             except (CodecError, ApplyError) as exc:
                 await self._dead_letter(tp, msg, exc)

@@ -24,7 +24,7 @@ from schemas.events import Event, MemoryDeleted, MemoryWritten
 from strata.config import Settings
 from strata.crypto import seal
 from strata.errors import UsageError
-from strata.kafka import bootstrap_of, message_limit, start_client
+from strata.kafka import bootstrap_of, end_offsets, message_limit, start_client
 from strata.keystore import Keyring
 from strata.validation import check_agent, check_class, check_key, check_tenant
 
@@ -78,6 +78,14 @@ class MemoryProducer:
         Raises:
             BrokerError: the broker cannot be reached.
         """
+        topic = self.settings.memory_topic
+        if not await end_offsets(
+            self.settings, [topic], timeout_s=self._start_timeout_s
+        ):
+            raise UsageError(
+                f"topic {topic} does not exist on {bootstrap_of(self.settings)}: "
+                "run `strata topics ensure`"
+            )
         options = producer_options(self.settings)
         self._producer = AIOKafkaProducer(**options)
         await start_client(
@@ -198,6 +206,8 @@ class MemoryProducer:
         check_tenant(tenant)
         check_key(key)
         check_agent(agent)
+        if expected_version is not None and expected_version < 0:
+            raise UsageError(f"expected version {expected_version} is negative")
         event = MemoryDeleted(
             event_id=uuid.uuid4().hex,
             tenant=tenant,

@@ -31,7 +31,7 @@ from schemas.events import (
     MemoryWritten,
     TenantErased,
 )
-from strata.errors import StoreError
+from strata.errors import ConfigError, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +78,10 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_cls ON records (tenant, cls);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS erasures (
     tenant    TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -231,6 +235,28 @@ class L2Projection:
     def close(self) -> None:
         """Close the database connection."""
         self._conn.close()
+
+    def bind_topic(self, topic: str) -> None:
+        """Record the topic this store projects, or check it is the one recorded.
+
+        Checkpoints are offsets of one topic: applied to another topic's
+        partitions they would silently skip its events.
+
+        Raises:
+            ConfigError: the store was built from another topic.
+        """
+        row = self._conn.execute(
+            "SELECT value FROM meta WHERE name = 'topic'"
+        ).fetchone()
+        if row is None:
+            self._conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('topic', ?)", (topic,)
+            )
+        elif row[0] != topic:
+            raise ConfigError(
+                f"{self.path} projects topic {row[0]!r}, not {topic!r}: check "
+                "STRATA_TOPIC_PREFIX, or use another STRATA_DATA_DIR for this topic"
+            )
 
     def checkpoint(self, partition: int) -> int:
         """The next offset of ``partition`` this projection has not applied."""

@@ -48,6 +48,10 @@ def _root(
         str, typer.Option(help="Lowest log level shown on stderr.")
     ] = "WARNING",
 ) -> None:
+    if log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise typer.BadParameter(
+            "use DEBUG, INFO, WARNING, ERROR or CRITICAL", param_hint="--log-level"
+        )
     configure_logging(log_level)
 
 
@@ -262,6 +266,15 @@ def delete_cmd(
 # -- reading -------------------------------------------------------------------
 
 
+def _check_names(tenant: str, key: str | None = None) -> None:
+    """Refuse names no write could have used, as a usage error."""
+    from strata.validation import check_key, check_tenant
+
+    check_tenant(tenant)
+    if key is not None:
+        check_key(key)
+
+
 def _reader(settings: Settings) -> Any:
     from projections.reader import Reader
     from strata.keystore import open_keystore
@@ -278,6 +291,7 @@ def get_cmd(
         int | None,
         typer.Option(
             "--as-of",
+            min=0,
             help="The value once the key's partition was projected to OFFSET.",
         ),
     ] = None,
@@ -285,12 +299,15 @@ def get_cmd(
         str | None,
         typer.Option("--wait", help="Wait until token PARTITION:OFFSET is projected."),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds --wait may take.")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds --wait may take.")
+    ] = 30.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Read a memory (L1, then L2) and print its payload."""
+    """Read a memory (L1, then L2, then L3) and print its payload."""
     from projections.reader import WriteToken
 
+    _check_names(tenant, key)
     reader = _reader(_settings())
     if wait is not None:
         try:
@@ -311,6 +328,7 @@ def history_cmd(tenant: str, key: str, as_json: JsonOpt = False) -> None:
     """Every event that touched a key, rejected ones included."""
     from projections.reader import history_to_dict
 
+    _check_names(tenant, key)
     rows = _reader(_settings()).history(tenant, key)
     items = [history_to_dict(r) for r in rows]
     _emit(
@@ -335,6 +353,7 @@ def list_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """List a tenant's live keys."""
+    _check_names(tenant)
     rows = _reader(_settings()).list(tenant, prefix=prefix, cls=cls)
     items = [{"key": k, "version": v, "cls": c, "updated_ms": t} for k, v, c, t in rows]
     _emit(
@@ -356,6 +375,8 @@ def worker_cmd(
         int | None,
         typer.Option(
             "--metrics-port",
+            min=1,
+            max=65535,
             help="Serve /metrics (Prometheus), /health and /live on this port.",
         ),
     ] = None,

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from strata.errors import ConfigError
 
@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     def _check_bootstrap(cls, value: str | None) -> str | None:
         if value is not None and not _BOOTSTRAP_RE.match(value):
             raise ValueError("expected host:port[,host:port...]")
+        for address in (value or "").split(","):
+            if address and not 1 <= int(address.rpartition(":")[2]) <= 65535:
+                raise ValueError(f"port of {address} is not between 1 and 65535")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError("exists and is not a directory")
         return value
 
     @field_validator("sqlite_synchronous")
@@ -128,6 +138,10 @@ def load_settings(**overrides: object) -> Settings:
     """
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as exc:
+        # A complex value (a JSON policy) that does not parse.
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"{exc}: {cause}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"

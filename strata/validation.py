@@ -9,7 +9,7 @@ from strata.errors import UsageError
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CLASS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MAX_KEY_CHARS = 1024
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def check_tenant(tenant: str) -> str:

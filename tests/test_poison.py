@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumers.dlq import read_dead_letters
@@ -144,3 +145,61 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=30)
+
+
+async def test_copies_outside_their_keys_partition_are_dead_lettered(
+    topics: Settings, keystore: LocalKeystore
+) -> None:
+    """A keyless copy or a copy in another partition could race the original: refused."""
+    from consumers.validation import key_partition
+
+    codec = Codec()
+    async with MemoryProducer(topics, keystore) as producer:
+        event = producer.seal_write("acme", "notes/1", "the original")
+        value = codec.encode(event)
+        token = await (await producer.publish(event))
+    home = key_partition(event.message_key, topics.partitions)
+    assert token.partition == home
+    raw = AIOKafkaProducer(
+        bootstrap_servers=topics.kafka_bootstrap, enable_idempotence=True
+    )
+    await raw.start()
+    try:
+        await raw.send_and_wait(
+            topics.memory_topic, value=value, key=None, partition=home
+        )
+        other = (home + 1) % topics.partitions
+        await raw.send_and_wait(
+            topics.memory_topic, value=value, key=event.message_key, partition=other
+        )
+    finally:
+        await raw.stop()
+
+    report = await Worker(topics, until_caught_up=True).run()
+
+    assert report.dead_letters == 2
+    reasons = sorted(d.error_message for d in await read_dead_letters(topics))
+    assert reasons[0].startswith("message key None does not match")
+    assert (
+        reasons[1] == f"partition {other}: the key's events belong to partition {home}"
+    )
+    reader = Reader(StorePaths(topics.data_dir).l2_db, keystore)
+    assert [h.action for h in reader.history("acme", "notes/1")] == ["written"]
+    reader.close()
+
+
+async def test_a_data_dir_refuses_another_topic(
+    topics: Settings, keystore: LocalKeystore
+) -> None:
+    """Checkpoints belong to one topic: a changed prefix is refused, not silently skipped."""
+    from strata.errors import ConfigError
+    from strata.kafka import ensure_topics
+
+    async with MemoryProducer(topics, keystore) as producer:
+        await producer.write("acme", "k", "v")
+    await Worker(topics, until_caught_up=True).run()
+    other = topics.model_copy(update={"topic_prefix": topics.topic_prefix + "-other"})
+    await ensure_topics(other)
+
+    with pytest.raises(ConfigError, match="projects topic"):
+        await Worker(other, until_caught_up=True).run()

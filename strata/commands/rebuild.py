@@ -132,7 +132,12 @@ def rebuild_cmd(
             raise UsageError(
                 f"--data-dir {data_dir} already holds projections; give a fresh one"
             )
-        target = source.model_copy(update={"data_dir": data_dir})
+        # The broker is the source's, wherever it was found (setting or record).
+        from strata.kafka import bootstrap_of
+
+        target = source.model_copy(
+            update={"data_dir": data_dir, "kafka_bootstrap": bootstrap_of(source)}
+        )
     else:
         paths = StorePaths(source.data_dir)
         _refuse_if_workers_run(paths)
