@@ -191,3 +191,29 @@ def test_tenant_counts_match_corpus_languages() -> None:
     assert {t.tenant for t in turns} == {f"lang-{lang}" for lang in languages}
     per_key = Counter((t.tenant, t.key) for t in turns)
     assert max(per_key.values()) == 1
+
+
+async def test_ledger_verify_finds_a_deleted_partition(
+    topics: Settings, keystore: LocalKeystore, cli_env: dict[str, str]
+) -> None:
+    """Deleting a whole partition's ledger files is a finding, not a smaller ledger."""
+    await _publish(topics, keystore, 120)
+    await Worker(topics, until_caught_up=True).run()
+    ledger = StorePaths(topics.data_dir).ledger
+    victim = sorted(ledger.glob("p*.log"))[0]
+    partition = int(victim.stem[1:])
+    for path in ledger.glob(f"{victim.stem}.*"):
+        path.unlink()
+
+    result = subprocess.run(
+        [sys.executable, "-m", "strata", "ledger", "verify", "--json"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["partition"], f["kind"]) for f in findings] == [(partition, "deleted")]

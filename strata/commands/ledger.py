@@ -66,10 +66,43 @@ def ledger_verify_cmd(as_json: JsonOpt = False) -> None:
     """Check every chain, checkpoint, signed root and signature; exit 1 on any finding."""
     from projections.ledger import verify_ledger
 
-    report = verify_ledger(_paths().ledger)
+    paths = _paths()
+    if not paths.root.is_dir():
+        raise UsageError(f"data dir {paths.root} does not exist")
+    report = verify_ledger(paths.ledger)
+    report.findings.extend(_missing_partitions(paths, report))
     emit(as_json, report.to_dict(), lambda: _print_report(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _missing_partitions(paths: Any, report: Any) -> list[Any]:
+    """Partitions L2 has applied events of but the ledger has no file for.
+
+    A ledger alone cannot tell a deleted partition from one that never had
+    an event; L2's checkpoints can.
+    """
+    from projections.l2 import L2Reader
+    from projections.ledger import partitions_in
+    from projections.ledger_findings import Finding
+
+    present = set(partitions_in(paths.ledger)) if paths.ledger.exists() else set()
+    l2 = L2Reader(paths.l2_db)
+    try:
+        applied = l2.checkpoints()
+    finally:
+        l2.close()
+    return [
+        Finding(
+            partition,
+            0,
+            f"no ledger for this partition, though L2 applied its events up to "
+            f"offset {offset}: the partition's files were deleted",
+            kind="deleted",
+        )
+        for partition, offset in sorted(applied.items())
+        if offset > 0 and partition not in present
+    ]
 
 
 def _parse_at(at: str | None) -> tuple[int, int] | None:
