@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -82,6 +81,7 @@ from projections.l2 import L2Reader, StoredRecord
 from schemas.events import MemoryReencrypted, MemoryTiered, TenantErased
 from strata.config import Settings
 from strata.errors import StoreError
+from strata.locks import file_lock
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
@@ -798,19 +798,8 @@ class L3Projection:
     @contextlib.asynccontextmanager
     async def _locked(self, partition: int) -> AsyncIterator[None]:
         await aiofiles.os.makedirs(self._locks, exist_ok=True)
-        fd = os.open(
-            self._locks / f"p{partition:05d}.lock", os.O_RDWR | os.O_CREAT, 0o600
-        )
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.005)
+        async with file_lock(self._locks / f"p{partition:05d}.lock"):
             yield
-        finally:
-            os.close(fd)
 
     # -- compaction ------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from projections.ledger_verify import VerifyReport, verify_ledger
 from projections.merkle import Frontier
 from strata.config import Settings, load_settings
 from strata.errors import StoreError
+from strata.locks import file_lock
 from strata.paths import StorePaths
 from strata.signing import LedgerSigner, TreeHead, load_or_create_signer, sign_tree_head
 
@@ -361,17 +362,8 @@ class LedgerProjection:
 
     @contextlib.asynccontextmanager
     async def _locked(self, partition: int) -> AsyncIterator[None]:
-        fd = self._lock_fd(partition)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.005)
+        async with file_lock(self.directory / f"p{partition:05d}.lock"):
             yield
-        finally:
-            os.close(fd)
 
     @contextlib.contextmanager
     def _locked_sync(self, partition: int) -> Iterator[None]:
