@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from projections.base import Envelope, Outcome
+from projections.sqlite import open_database
 from schemas.events import (
     MemoryDeleted,
     MemoryReencrypted,
@@ -204,21 +205,9 @@ def connect(
     Raises:
         StoreError: the file cannot be opened or created.
     """
-    try:
-        if readonly:
-            conn = sqlite3.connect(
-                f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30
-            )
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.executescript(SCHEMA)
-    except sqlite3.Error as exc:
-        raise StoreError(f"L2 database {path}: {exc}") from exc
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
+    return open_database(
+        path, SCHEMA, what="L2 database", synchronous=synchronous, readonly=readonly
+    )
 
 
 class L2Projection:

@@ -78,6 +78,7 @@ import zstandard
 
 from projections.base import Envelope, Outcome
 from projections.l2 import L2Reader, StoredRecord
+from projections.sqlite import open_database
 from schemas.events import MemoryReencrypted, MemoryTiered, TenantErased
 from strata.config import Settings
 from strata.errors import StoreError
@@ -285,21 +286,9 @@ def connect_index(
     Raises:
         StoreError: it cannot be opened or created.
     """
-    try:
-        if readonly:
-            conn = sqlite3.connect(
-                f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30
-            )
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.executescript(INDEX_SCHEMA)
-        conn.execute("PRAGMA busy_timeout=30000")
-    except (sqlite3.Error, OSError) as exc:
-        raise StoreError(f"L3 index {path}: {exc}") from exc
-    return conn
+    return open_database(
+        path, INDEX_SCHEMA, what="L3 index", synchronous=synchronous, readonly=readonly
+    )
 
 
 @contextlib.contextmanager

@@ -199,12 +199,22 @@ class StateFile:
         self._doc, self._stamp = doc, None
 
 
-def load_or_create_master_key(path: Path) -> bytes:
+def load_or_create_master_key(path: Path, *, create: bool = True) -> bytes:
     """Read the master key, creating it (mode 0600) on first use.
 
+    Args:
+        create: False once keys wrapped by a master key exist: a missing file
+            then means a wrong path, and a new key would wrap nothing they need.
+
     Raises:
-        ConfigError: the file exists but is not 32 bytes, or is readable by others.
+        ConfigError: the file is missing where it must exist, is not 32 bytes,
+            or is readable by others.
     """
+    if not create and not path.exists():
+        raise ConfigError(
+            f"master key file {path} does not exist, but keys wrapped by a master "
+            "key do: point STRATA_MASTER_KEY_FILE at that key"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -345,7 +355,10 @@ class LocalKms:
 
     def _master_key(self) -> bytes:
         if self._master is None:
-            self._master = load_or_create_master_key(self._master_key_file)
+            wrapped = bool(self._state.read().get("keys"))
+            self._master = load_or_create_master_key(
+                self._master_key_file, create=not wrapped
+            )
         return self._master
 
     def _add_version(self, entry: dict[str, Any], name: str) -> int:

@@ -187,8 +187,8 @@ def load_or_create_signer(keys_dir: Path, master_key_path: Path) -> LedgerSigner
         KeyUnavailableError: the key does not unwrap under the master key.
         StoreError: the key file cannot be read or written.
     """
-    master = load_or_create_master_key(master_key_path)
     path = signing_key_path(keys_dir)
+    master = load_or_create_master_key(master_key_path, create=not path.exists())
     if not path.exists():
         _create(path, master)
     doc = _read_doc(path)

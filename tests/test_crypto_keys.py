@@ -220,3 +220,20 @@ def test_key_material_never_shows_in_reprs_files_or_settings(tmp_path: Path) -> 
         assert "hunter2-token" not in text
     remote = open_keystore(settings)
     assert "hunter2-token" not in repr(remote) + repr(remote.kms)
+
+
+def test_a_mistyped_master_key_path_is_refused_once_keys_exist(tmp_path: Path) -> None:
+    """A missing master key file beside wrapped keys is a wrong path, not a first use."""
+    from strata.config import load_settings
+    from strata.errors import ConfigError
+    from strata.keystore import open_keystore
+
+    settings = load_settings(data_dir=tmp_path, kafka_bootstrap="127.0.0.1:1")
+    assert open_keystore(settings).primary("acme").version == 1
+    typo = tmp_path / "keys" / "typo.key"
+
+    with pytest.raises(ConfigError, match="does not exist, but keys wrapped"):
+        open_keystore(settings.model_copy(update={"master_key_file": typo})).data_key(
+            "acme", 1
+        )
+    assert not typo.exists()

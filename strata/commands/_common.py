@@ -9,6 +9,15 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from strata.config import Settings, load_settings
 
@@ -43,3 +52,22 @@ def say(message: str) -> None:
     """Progress for a person on a terminal; silent otherwise so stdout stays clean."""
     if sys.stderr.isatty():
         typer.secho(message, err=True, fg="cyan")
+
+
+def progress_bar(*extra: ProgressColumn, disable: bool = False) -> Progress:
+    """A transient progress bar on stderr, so stdout carries only the command's output.
+
+    Args:
+        extra: columns shown after the done/total count (a rate, say).
+        disable: draw nothing (not a terminal, or ``--json``).
+    """
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=disable,
+    )

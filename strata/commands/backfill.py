@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, run, settings
+from strata.commands._common import JsonOpt, emit, progress_bar, run, settings
 from strata.config import Settings
 
 _PHASES = {
@@ -83,26 +83,13 @@ def backfill_cmd(
 def _with_progress(
     cfg: Settings, from_dir: Path, options: dict[str, Any]
 ) -> dict[str, Any]:
-    from rich.console import Console
     from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
         TaskID,
-        TextColumn,
-        TimeElapsedColumn,
     )
 
     from producers.backfill import BackfillProgress, run_backfill
 
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    bar = progress_bar()
     tasks: dict[str, TaskID] = {}
 
     def show(step: BackfillProgress) -> None:

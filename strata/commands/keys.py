@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from strata.commands._common import JsonOpt, emit, run, say, settings
+from strata.commands._common import JsonOpt, emit, progress_bar, run, say, settings
 from strata.errors import UsageError
 
 keys_app = typer.Typer(
@@ -105,13 +104,7 @@ def keys_rotate_cmd(
     show = sys.stderr.isatty() and not as_json
 
     async def go() -> dict[str, Any]:
-        columns = (
-            *Progress.get_default_columns()[:1],
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, transient=True, disable=not show) as bar:
+        with progress_bar(disable=not show) as bar:
             task = bar.add_task("re-encrypting", total=None)
 
             def on_progress(done: int, total: int) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, run, settings
+from strata.commands._common import JsonOpt, emit, progress_bar, run, settings
 from strata.config import Settings
 
 _STAGES = {
@@ -97,28 +97,15 @@ def _human(result: dict[str, Any]) -> None:
 def _with_progress(
     cfg: Settings, projection: str, version: int, options: dict[str, Any]
 ) -> dict[str, Any]:
-    from rich.console import Console
     from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
         TaskID,
         TextColumn,
-        TimeElapsedColumn,
     )
 
     from consumers.migrate import run_migration
     from consumers.replay import ReplayProgress
 
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>9.0f} events/s"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    bar = progress_bar(TextColumn("{task.fields[rate]:>9.0f} events/s"))
     tasks: dict[str, TaskID] = {}
 
     def show(stage: str, step: ReplayProgress) -> None:

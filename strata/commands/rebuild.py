@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from strata.commands._common import JsonOpt, emit, run, settings
+from strata.commands._common import JsonOpt, emit, progress_bar, run, settings
 from strata.config import Settings
 from strata.errors import UsageError
 from strata.paths import StorePaths
@@ -79,13 +78,7 @@ async def rebuild(
     began = time.monotonic()
     task = asyncio.create_task(worker.run())
     if show_progress:
-        columns = (
-            *Progress.get_default_columns()[:2],
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, transient=True) as bar:
+        with progress_bar() as bar:
             job = bar.add_task("rebuilding", total=total)
             while not task.done():
                 bar.update(job, completed=worker.report.events_seen)
