@@ -7,7 +7,7 @@ order that rotates from run to run:
   Strata's producer options (idempotent, ``acks=all``, ``linger_ms=5``);
 * ``strata``: :meth:`MemoryProducer.seal_write` then :meth:`publish` per event
   (validate, encrypt, hash, encode, send), the path an agent's write takes;
-* ``plain``: the same Avro events built without encryption and sent through
+* ``plain``: the same checks and Avro events without encryption, sent through
   :meth:`MemoryProducer.publish`, so ``strata`` minus ``plain`` is the cost of
   sealing.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,10 +33,11 @@ from bench.dataset import (
     specs,
 )
 from bench.registry import Measurement, ratio, stage, target
-from producers.producer import MemoryProducer, now_ms
+from producers.producer import MemoryProducer, new_event_id, now_ms
 from schemas.events import MemoryWritten
 from strata.config import Settings
 from strata.kafka import ensure_topics
+from strata.validation import check_agent, check_class, check_key, check_tenant
 
 _LABELS = {
     "aiokafka": "publish: raw aiokafka send (pre-encoded)",
@@ -119,8 +119,13 @@ async def _plain(settings: Settings, writes: list[Spec]) -> float:
     async def send(producer: MemoryProducer) -> None:
         pending: list[asyncio.Future[Any]] = []
         for w in writes:
+            # The checks seal_write makes, so that only sealing differs.
+            check_tenant(w.tenant)
+            check_key(w.key)
+            check_class(w.cls)
+            check_agent("bench")
             event = MemoryWritten(
-                event_id=uuid.uuid4().hex,
+                event_id=new_event_id(),
                 tenant=w.tenant,
                 key=w.key,
                 cls=w.cls,

@@ -7,22 +7,15 @@ whether a dead letter now applies.
 
 from __future__ import annotations
 
-from aiokafka.partitioner import murmur2
-
 from schemas.codec import Codec
 from schemas.events import Event, TenantErased
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError
+from strata.kafka import key_partition
 from strata.keystore import Keyring
 
 #: AES-GCM appends a 16-byte tag to the plaintext.
 GCM_TAG_BYTES = 16
-
-
-def key_partition(message_key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives a key (murmur2, as Java's)."""
-    index: int = murmur2(message_key) & 0x7FFFFFFF
-    return index % partitions
 
 
 def validate_event(

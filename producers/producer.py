@@ -9,22 +9,28 @@ landed at, a token a reader can wait for.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
-from functools import partial
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from producers.batching import Batcher
 from projections.reader import WriteToken
 from schemas.codec import Codec
 from schemas.events import Event, MemoryDeleted, MemoryWritten
 from strata.config import Settings
 from strata.crypto import seal
 from strata.errors import UsageError
-from strata.kafka import bootstrap_of, end_offsets, message_limit, start_client
+from strata.kafka import (
+    bootstrap_of,
+    end_offsets,
+    key_partition,
+    message_limit,
+    start_client,
+)
 from strata.keystore import Keyring
 from strata.validation import check_agent, check_class, check_key, check_tenant
 
@@ -34,6 +40,11 @@ log = structlog.get_logger(__name__)
 def now_ms() -> int:
     """The current UTC time in milliseconds."""
     return time.time_ns() // 1_000_000
+
+
+def new_event_id() -> str:
+    """A fresh event id: 128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
 
 
 def producer_options(settings: Settings) -> dict[str, object]:
@@ -71,6 +82,8 @@ class MemoryProducer:
         self.codec = codec or Codec()
         self._start_timeout_s = start_timeout_s
         self._producer: AIOKafkaProducer | None = None
+        self._partitions: int | None = None
+        self._batcher: Batcher | None = None
 
     async def start(self) -> None:
         """Connect to the broker.
@@ -91,12 +104,40 @@ class MemoryProducer:
         await start_client(
             self._producer, str(options["bootstrap_servers"]), self._start_timeout_s
         )
+        self._producer.client.cluster.add_listener(self._forget_partitions)
+        await self._producer.partitions_for(topic)
+        self._batcher = Batcher(self._producer, topic)
+
+    def _forget_partitions(self, _cluster: object) -> None:
+        self._partitions = None
+
+    def _partition_of(self, message_key: bytes) -> int | None:
+        """The key's partition by Kafka's default partitioner, or None if unknown yet.
+
+        Computed here, from a cache of recent keys, because the client's
+        pure-Python murmur2 would otherwise run on every send; the partition
+        count is reread whenever the cluster metadata changes.
+        """
+        if self._partitions is None:
+            assert self._producer is not None
+            known = self._producer.client.cluster.partitions_for_topic(
+                self.settings.memory_topic
+            )
+            if not known:
+                return None
+            self._partitions = len(known)
+        return key_partition(message_key, self._partitions)
 
     async def stop(self) -> None:
         """Flush what is pending and disconnect."""
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        try:
+            if self._batcher is not None:
+                await self._batcher.close()
+        finally:
+            self._batcher = None
+            if self._producer is not None:
+                await self._producer.stop()
+                self._producer = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -141,7 +182,7 @@ class MemoryProducer:
             )
         if expected_version is not None and expected_version < 0:
             raise UsageError(f"expected version {expected_version} is negative")
-        event_id = event_id or uuid.uuid4().hex
+        event_id = event_id or new_event_id()
         sealed = seal(
             self.keystore.primary(tenant),
             data,
@@ -209,7 +250,7 @@ class MemoryProducer:
         if expected_version is not None and expected_version < 0:
             raise UsageError(f"expected version {expected_version} is negative")
         event = MemoryDeleted(
-            event_id=uuid.uuid4().hex,
+            event_id=new_event_id(),
             tenant=tenant,
             key=key,
             agent=agent,
@@ -222,27 +263,15 @@ class MemoryProducer:
         """Queue one event; the returned future resolves to its token on ack.
 
         Awaiting this coroutine only waits for room in the send buffer, so a
-        caller can keep many sends in flight.
+        caller can keep many sends in flight. Events of one key are delivered
+        in the order they were published.
         """
-        if self._producer is None:
+        if self._producer is None or self._batcher is None:
             raise RuntimeError("MemoryProducer.start() was not awaited")
         value = self.codec.encode(event)
-        delivery = await self._producer.send(
-            self.settings.memory_topic, value=value, key=event.message_key
-        )
-        # Chained by callback: a task per event would cost more than the send.
-        token: asyncio.Future[WriteToken] = asyncio.get_running_loop().create_future()
-        delivery.add_done_callback(partial(_settle, token))
-        return token
-
-
-def _settle(token: asyncio.Future[WriteToken], delivery: asyncio.Future[Any]) -> None:
-    if token.done():
-        return
-    if delivery.cancelled():
-        token.cancel()
-    elif (error := delivery.exception()) is not None:
-        token.set_exception(error)
-    else:
-        metadata = delivery.result()
-        token.set_result(WriteToken(metadata.partition, metadata.offset))
+        message_key = event.message_key
+        partition = self._partition_of(message_key)
+        if partition is None:
+            known = await self._producer.partitions_for(self.settings.memory_topic)
+            partition = key_partition(message_key, len(known))
+        return await self._batcher.append(partition, message_key, value)

@@ -10,9 +10,11 @@ newest version of the same record, so old events stay readable.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.validation import validate
 
+from schemas.binary import PlanError, RecordPlan, compile_plan
 from schemas.events import EVENT_TYPES, Event
 from strata.errors import MalformedEventError, UnknownSchemaError
 
@@ -113,6 +116,14 @@ class Codec:
     def __init__(self, registry: SchemaRegistry | None = None) -> None:
         self.registry = registry or SchemaRegistry()
         self._plans: dict[tuple[bytes, bytes], object] = {}
+        self._binary: dict[bytes, RecordPlan | None] = {}
+        self._readers: dict[bytes, Callable[[bytes, int], Any] | None] = {}
+
+    def _plan(self, schema: SchemaVersion) -> RecordPlan | None:
+        if schema.fingerprint not in self._binary:
+            raw = json.loads(schema.path.read_text(encoding="utf-8"))
+            self._binary[schema.fingerprint] = compile_plan(raw)
+        return self._binary[schema.fingerprint]
 
     def encode(self, event: Event) -> bytes:
         """Encode an event with the newest schema of its type.
@@ -121,6 +132,14 @@ class Codec:
             MalformedEventError: a field is missing or of the wrong type.
         """
         schema = self.registry.latest(event.schema_name)
+        plan = self._plan(schema)
+        if plan is not None:
+            parts = [MARKER, schema.fingerprint]
+            try:
+                plan.write(event, parts)
+                return b"".join(parts)
+            except (PlanError, AttributeError, TypeError, UnicodeError):
+                pass  # fastavro below names what is wrong, or accepts it
         record = event.to_record()
         out = io.BytesIO()
         out.write(MARKER)
@@ -141,6 +160,14 @@ class Codec:
             UnknownSchemaError: the fingerprint names no published schema.
         """
         writer = self.writer_schema(data)
+        fast = self._fast_reader(writer)
+        if fast is not None:
+            try:
+                event: Event = fast(data, HEADER_SIZE)
+            except (PlanError, IndexError, UnicodeDecodeError):
+                pass  # fastavro below says what is wrong with the bytes
+            else:
+                return event
         reader = self.registry.latest(writer.name)
         body = io.BytesIO(memoryview(data)[HEADER_SIZE:])
         added = self._added_defaults(writer, reader)
@@ -169,6 +196,24 @@ class Codec:
             )
         assert isinstance(record, dict)
         return EVENT_TYPES[writer.name](**record)
+
+    def _fast_reader(self, writer: SchemaVersion) -> Callable[[bytes, int], Any] | None:
+        """A compiled read of this writer version into the newest event class."""
+        if writer.fingerprint in self._readers:
+            return self._readers[writer.fingerprint]
+        fast = None
+        plan = self._plan(writer)
+        added = self._added_defaults(writer, self.registry.latest(writer.name))
+        cls = EVENT_TYPES[writer.name]
+        wanted = tuple(f.name for f in dataclasses.fields(cls))
+        if (
+            plan is not None
+            and added is not None
+            and sorted(plan.names + tuple(added)) == sorted(wanted)
+        ):
+            fast = plan.reader_into(cls, wanted, added)
+        self._readers[writer.fingerprint] = fast
+        return fast
 
     def _added_defaults(
         self, writer: SchemaVersion, reader: SchemaVersion

@@ -20,9 +20,8 @@ import functools
 import hashlib
 import hmac
 import os
-import struct
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -34,6 +33,8 @@ KEY_SIZE = 32
 #: Encryptions one key version may ever perform (NIST SP 800-38D, random nonces).
 MAX_ENCRYPTIONS = 2**32
 _MAC_INFO = b"strata/content-hash/v1"
+_AAD_LABEL = b"strata/v1"
+_SHA256_BLOCK = 64
 
 
 class UsageMeter(Protocol):
@@ -74,6 +75,30 @@ class DataKey:
         """
         return hmac.new(self.material, _MAC_INFO, hashlib.sha256).digest()
 
+    @functools.cached_property
+    def aead(self) -> AESGCM:
+        """The AES-GCM cipher of this key, built once per key object."""
+        return AESGCM(self.material)
+
+    @functools.cached_property
+    def _mac_pads(self) -> tuple[Any, Any]:
+        # HMAC's inner and outer hashes after absorbing the padded key
+        # (RFC 2104); each content hash continues copies of them.
+        padded = self.mac_key.ljust(_SHA256_BLOCK, b"\0")
+        inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        return inner, outer
+
+    def content_hash(self, plaintext: bytes) -> bytes:
+        """HMAC-SHA256 of a plaintext under :attr:`mac_key`."""
+        inner_pad, outer_pad = self._mac_pads
+        inner = inner_pad.copy()
+        inner.update(plaintext)
+        outer = outer_pad.copy()
+        outer.update(inner.digest())
+        digest: bytes = outer.digest()
+        return digest
+
 
 @dataclass(frozen=True, slots=True)
 class Sealed:
@@ -93,14 +118,22 @@ class Sealed:
 
 
 def associated_data(tenant: str, key: str, event_id: str) -> bytes:
-    """The AEAD associated data binding a ciphertext to its record and event."""
-    parts = [p.encode() for p in (tenant, key, event_id)]
-    return b"strata/v1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+    """The AEAD associated data binding a ciphertext to its record and event.
+
+    ``strata/v1``, then each of tenant, key and event id as a 4-byte
+    big-endian length and its UTF-8 bytes.
+    """
+    t, k, e = tenant.encode(), key.encode(), event_id.encode()
+    return b"".join((_AAD_LABEL, _u32(len(t)), t, _u32(len(k)), k, _u32(len(e)), e))
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
 
 
 def content_hash(data_key: DataKey, plaintext: bytes) -> bytes:
     """HMAC-SHA256 of the plaintext under the data key's derived MAC key."""
-    return hmac.new(data_key.mac_key, plaintext, hashlib.sha256).digest()
+    return data_key.content_hash(plaintext)
 
 
 def seal(
@@ -120,13 +153,13 @@ def seal(
         data_key.meter.take()
     nonce = os.urandom(NONCE_SIZE)
     aad = associated_data(tenant, key, event_id)
-    ciphertext = AESGCM(data_key.material).encrypt(nonce, plaintext, aad)
+    ciphertext = data_key.aead.encrypt(nonce, plaintext, aad)
     return Sealed(
-        key_id=data_key.key_id,
-        key_version=data_key.version,
-        nonce=nonce,
-        ciphertext=ciphertext,
-        content_hash=content_hash(data_key, plaintext),
+        data_key.key_id,
+        data_key.version,
+        nonce,
+        ciphertext,
+        data_key.content_hash(plaintext),
     )
 
 
@@ -148,7 +181,7 @@ def open_sealed(
     aad = associated_data(tenant, key, event_id)
     if tenant == data_key.tenant:
         try:
-            return AESGCM(data_key.material).decrypt(nonce, ciphertext, aad)
+            return data_key.aead.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
             pass
     raise DecryptionError(

@@ -7,6 +7,7 @@ defaults (auto commit on, ``latest`` reset, ``read_uncommitted``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterable
 
@@ -14,12 +15,23 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from strata.broker import recorded_bootstrap
 from strata.config import Settings
 from strata.errors import BrokerError, ConfigError
 
 log = structlog.get_logger(__name__)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def key_partition(message_key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a key (murmur2, as Java's).
+
+    Cached: a store's keys recur, and murmur2 in Python costs microseconds.
+    """
+    index: int = murmur2(message_key) & 0x7FFFFFFF
+    return index % partitions
 
 
 def topic_config(settings: Settings) -> dict[str, str]:

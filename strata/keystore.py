@@ -81,6 +81,10 @@ MAX_BLOCK = 65_536
 #: Default soft bound: rotate at 2**30 encryptions, a quarter of the cap,
 #: where the chance of any repeated 96-bit nonce is below 2**-37.
 ROTATE_AFTER = 2**30
+#: How long a writer may reuse a tenant's primary key without looking at the
+#: keystore file again. A change made through the same keyring is seen at
+#: once; a rotation or an erasure made by another process within this time.
+PRIMARY_RECHECK_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,8 @@ class Keyring:
             directory / "keystore.json", lambda: {"format": FORMAT, "tenants": {}}
         )
         self._cache: dict[tuple[str, int], tuple[DataKey, float]] = {}
+        # tenant -> (primary key, the document it came from, recheck deadline)
+        self._primaries: dict[str, tuple[DataKey, dict[str, Any], float]] = {}
         self._mutex = threading.RLock()
 
     def __repr__(self) -> str:
@@ -203,6 +209,7 @@ class Keyring:
         """Forget unwrapped keys and release the KMS's connections."""
         with self._mutex:
             self._cache.clear()
+            self._primaries.clear()
         self.kms.close()
 
     # -- reading -----------------------------------------------------------------
@@ -328,19 +335,34 @@ class Keyring:
         """The key new writes use, creating version 1 on a tenant's first write.
 
         Each :func:`~strata.crypto.seal` with the returned key counts against
-        the version's usage bound.
+        the version's usage bound. Writers call this per event, so the answer
+        is reused for :data:`PRIMARY_RECHECK_S` unless this keyring changed
+        the keystore meanwhile.
 
         Raises:
             ErasedError: the tenant was erased and may not be written again.
             KeyUnavailableError: the KMS cannot create or unwrap the key.
         """
+        hit = self._primaries.get(tenant)
+        if (
+            hit is not None
+            and hit[1] is self._state.current
+            and time.monotonic() < hit[2]
+        ):
+            return hit[0]
         entry = self._tenant(tenant)
         if entry is None:
             with self._state.update() as doc:
                 entry = doc["tenants"].get(tenant) or self._new_tenant(doc, tenant)
         if entry.get("erased"):
             raise _erased(tenant)
-        return self._data_key(tenant, int(entry["primary"]), entry)
+        key = self._data_key(tenant, int(entry["primary"]), entry)
+        self._primaries[tenant] = (
+            key,
+            self._state.current,
+            time.monotonic() + PRIMARY_RECHECK_S,
+        )
+        return key
 
     # -- changing ----------------------------------------------------------------
 
@@ -598,6 +620,7 @@ class Keyring:
 
     def _forget(self, tenant: str) -> None:
         with self._mutex:
+            self._primaries.pop(tenant, None)
             for ident in [i for i in self._cache if i[0] == tenant]:
                 del self._cache[ident]
 

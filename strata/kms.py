@@ -121,11 +121,17 @@ class StateFile:
 
     def __init__(self, path: Path, empty: Callable[[], dict[str, Any]]) -> None:
         self.path = path
+        self._fspath = os.fspath(path)
         self._empty = empty
         self._lock_path = path.with_suffix(".lock")
         self._doc: dict[str, Any] = empty()
         self._stamp: tuple[int, int, int] | None = None
         self._mutex = threading.RLock()
+
+    @property
+    def current(self) -> dict[str, Any]:
+        """The document as last read or written here, without looking at the file."""
+        return self._doc
 
     def read(self) -> dict[str, Any]:
         """The current document (do not change it; use :meth:`update`).
@@ -135,7 +141,7 @@ class StateFile:
         """
         with self._mutex:
             try:
-                st = self.path.stat()
+                st = os.stat(self._fspath)
             except FileNotFoundError:
                 self._doc, self._stamp = self._empty(), None
                 return self._doc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import shutil
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from strata.config import load_settings
-from strata.crypto import open_sealed, seal
+from strata.crypto import associated_data, open_sealed, seal
 from strata.errors import DecryptionError, ErasedError, KeyUnavailableError
 from strata.keystore import Keyring, LocalKeystore, open_keystore
 from strata.kms import LocalKms
@@ -62,6 +64,21 @@ def test_a_ciphertext_moved_to_another_record_key_or_tenant_fails(
         assert repr(name) in message
         assert f"v{key.version}" in message
         assert "the plan" not in message
+
+
+def test_content_hash_is_hmac_sha256_and_aad_is_length_prefixed(tmp_path: Path) -> None:
+    """The fast paths compute exactly the documented constructions."""
+    key = _ring(tmp_path).primary("acme")
+    mac_key = hmac.new(key.material, b"strata/content-hash/v1", hashlib.sha256).digest()
+    for plaintext in (b"", b"x", bytes(range(256)) * 40):
+        expected = hmac.new(mac_key, plaintext, hashlib.sha256).digest()
+        assert (
+            seal(key, plaintext, tenant="acme", key="k", event_id="e").content_hash
+            == expected
+        )
+    assert associated_data("acme", "k/é", "e1") == (
+        b"strata/v1" + b"\0\0\0\x04acme" + b"\0\0\0\x04k/\xc3\xa9" + b"\0\0\0\x02e1"
+    )
 
 
 def test_a_data_key_seals_only_its_own_tenant(tmp_path: Path) -> None:

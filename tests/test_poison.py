@@ -151,7 +151,7 @@ async def test_copies_outside_their_keys_partition_are_dead_lettered(
     topics: Settings, keystore: LocalKeystore
 ) -> None:
     """A keyless copy or a copy in another partition could race the original: refused."""
-    from consumers.validation import key_partition
+    from strata.kafka import key_partition
 
     codec = Codec()
     async with MemoryProducer(topics, keystore) as producer:
