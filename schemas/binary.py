@@ -344,14 +344,34 @@ class RecordPlan:
         function: Callable[[bytes, int], Any] = scope["read"]
         return function
 
-    def write(self, obj: Any, out: list[bytes]) -> None:
-        """Append the encoding of ``obj``'s attributes named by the schema.
+    def encoder(self, prefix: bytes) -> Callable[[Any], bytes]:
+        """A function encoding ``obj``'s attributes named by the schema after ``prefix``.
 
-        Raises:
-            PlanError, AttributeError: a value is missing or of another type.
+        Generated once, like :meth:`reader_into`. The function raises
+        PlanError or AttributeError when a value is missing or of a type the
+        plan does not write.
         """
-        for name, writer in self._steps:
-            writer(getattr(obj, name), out)
+        scope: dict[str, Any] = {
+            "PlanError": PlanError,
+            "varint": _varint,
+            "SMALL": _SMALL_VARINTS,
+            "LIMIT": _SMALL,
+            "prefix": prefix,
+            "LONG_MIN": _LONG_MIN,
+            "LONG_MAX": _LONG_MAX,
+            "INT_MIN": _INT_MIN,
+            "INT_MAX": _INT_MAX,
+        }
+        lines = ["def encode(obj):", "    out = [prefix]", "    put = out.append"]
+        for i, (name, writer) in enumerate(self._steps):
+            kind = self._types[i]
+            lines.append(f"    v = obj.{name}")
+            lines.extend("    " + line for line in _inline_write(kind, f"w{i}"))
+            scope[f"w{i}"] = writer
+        lines.append("    return b''.join(out)")
+        exec("\n".join(lines), scope)  # noqa: S102 - source built above from the schema
+        function: Callable[[Any], bytes] = scope["encode"]
+        return function
 
 
 _SIZED = """\
@@ -365,6 +385,42 @@ end = pos + size
 if size < 0 or end > size_of:
     raise PlanError('length outside the message')
 """
+
+
+def _inline_write(kind: Any, writer: str) -> list[str]:
+    """Source lines appending the encoding of ``v`` through ``put``."""
+    if kind in ("string", "bytes"):
+        check = "str" if kind == "string" else "bytes"
+        raw = "v.encode()" if kind == "string" else "v"
+        return [
+            f"if type(v) is not {check}:",
+            f"    raise PlanError('not {kind}')",
+            f"r = {raw}",
+            "n = len(r)",
+            "put(SMALL[n] if n < LIMIT else varint(n))",
+            "put(r)",
+        ]
+    if kind in ("long", "int"):
+        low, high = (
+            ("LONG_MIN", "LONG_MAX") if kind == "long" else ("INT_MIN", "INT_MAX")
+        )
+        return [
+            f"if type(v) is not int or not {low} <= v <= {high}:",
+            f"    raise PlanError('not {kind}')",
+            "put(SMALL[v] if 0 <= v < LIMIT else varint(v))",
+        ]
+    if isinstance(kind, list) and len(kind) == 2 and kind[0] == "null":
+        inner = _inline_write(kind[1], writer)
+        if inner[0].startswith(writer):
+            return [f"{writer}(v, out)"]
+        return [
+            "if v is None:",
+            "    put(b'\\x00')",
+            "else:",
+            "    put(b'\\x02')",
+            *("    " + line for line in inner),
+        ]
+    return [f"{writer}(v, out)"]
 
 
 def _inline(kind: Any, target: str, reader: str) -> list[str]:

@@ -118,6 +118,7 @@ class Codec:
         self._plans: dict[tuple[bytes, bytes], object] = {}
         self._binary: dict[bytes, RecordPlan | None] = {}
         self._readers: dict[bytes, Callable[[bytes, int], Any] | None] = {}
+        self._encoders: dict[bytes, Callable[[Any], bytes] | None] = {}
 
     def _plan(self, schema: SchemaVersion) -> RecordPlan | None:
         if schema.fingerprint not in self._binary:
@@ -132,12 +133,15 @@ class Codec:
             MalformedEventError: a field is missing or of the wrong type.
         """
         schema = self.registry.latest(event.schema_name)
-        plan = self._plan(schema)
-        if plan is not None:
-            parts = [MARKER, schema.fingerprint]
+        if schema.fingerprint not in self._encoders:
+            plan = self._plan(schema)
+            self._encoders[schema.fingerprint] = (
+                plan.encoder(MARKER + schema.fingerprint) if plan else None
+            )
+        fast = self._encoders[schema.fingerprint]
+        if fast is not None:
             try:
-                plan.write(event, parts)
-                return b"".join(parts)
+                return fast(event)
             except (PlanError, AttributeError, TypeError, UnicodeError):
                 pass  # fastavro below names what is wrong, or accepts it
         record = event.to_record()
