@@ -10,17 +10,19 @@ synthetic events in the same run (issue 6: ratio >= 0.5).
 issue's 1,000,000-record store is scaled down; the label gives the size),
 about half moved to L3 by :class:`producers.tiering.TieringJob` with a clock
 400 days ahead; then p50 and p99 of ``Reader.get`` served by L1 (a pre-filled
-cache), L2 (no cache) and L3; and write-to-readable: a worker running in the
-background while ``MemoryProducer.write`` publishes a steady 1,000 events/s
-for 5 s, each timed from the write until ``Reader.get_after`` returns.
+cache), L2 (no cache) and L3; and write-to-readable: a ``strata worker``
+process running while ``MemoryProducer.write`` publishes a steady 1,000
+events/s, one untimed second to warm up then 5 s, each write timed until
+``Reader.get_after`` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
-import threading
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from bench.context import Context
 from bench.dataset import CLASSES, publish_dataset, specs
 from bench.projection import project
 from bench.registry import Measurement, ratio, stage, target
+from bench.workerproc import strata_command, worker_env
 from consumers.worker import Worker
 from producers.backfill import run_backfill
 from producers.producer import MemoryProducer
@@ -42,6 +45,7 @@ from strata.paths import StorePaths
 READS = 2000
 RATE = 1000.0
 SECONDS = 5.0
+WARMUP_SECONDS = 1.0
 FUTURE_MS = 400 * 86_400_000
 
 
@@ -114,41 +118,54 @@ def _time_reads(reader: Reader, keys: list[tuple[str, str]], tier: str) -> list[
 
 
 async def _write_to_readable(
-    settings: Settings, keystore: Keyring, paths: StorePaths
+    settings: Settings, keystore: Keyring, paths: StorePaths, group: str
 ) -> list[float]:
-    # The worker gets its own thread and loop, as a worker process would, so
-    # the 1,000 writer tasks of this loop do not starve it.
-    worker = Worker(settings, keystore=keystore)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(worker.run(),))
-    thread.start()
+    # The worker runs as its own process, as it does in service: in a thread
+    # of this one it would share the interpreter with the 1,000 writer tasks.
+    # It has caught up with the store before it starts.
+    errors = settings.data_dir / "w2r-worker.stderr"
+    with errors.open("wb") as err:
+        child = subprocess.Popen(
+            [*strata_command(), "worker", "--group", group],
+            env=worker_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     reader = Reader.from_paths(paths, keystore, l1=None, track_reads=False)
     latencies: list[float] = []
     try:
         async with MemoryProducer(settings, keystore) as producer:
-            token = await producer.write("tenant-000", "w2r/warm", b"warm")
-            await reader.get_after("tenant-000", "w2r/warm", token, timeout_s=60)
 
-            async def one(i: int) -> None:
+            async def one(i: int, timed: bool) -> None:
                 tenant, key = f"tenant-{i % 3:03d}", f"w2r/{i:06d}"
                 began = time.perf_counter()
                 token = await producer.write(tenant, key, b"v" * 1024, agent="bench")
-                await reader.get_after(tenant, key, token, timeout_s=30)
-                latencies.append((time.perf_counter() - began) * 1000)
+                await reader.get_after(tenant, key, token, timeout_s=60)
+                if timed:
+                    latencies.append((time.perf_counter() - began) * 1000)
 
-            pending = []
-            start = time.perf_counter()
-            for i in range(int(RATE * SECONDS)):
-                delay = start + i / RATE - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                pending.append(asyncio.create_task(one(i)))
-            await asyncio.gather(*pending)
+            async def steady(first: int, seconds: float, timed: bool) -> None:
+                pending = []
+                start = time.perf_counter()
+                for n in range(int(RATE * seconds)):
+                    delay = start + n / RATE - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    pending.append(asyncio.create_task(one(first + n, timed)))
+                await asyncio.gather(*pending)
+
+            # Untimed first second: every partition, connection and file warm.
+            await steady(0, WARMUP_SECONDS, timed=False)
+            await steady(int(RATE * WARMUP_SECONDS), SECONDS, timed=True)
     finally:
         reader.close()
-        loop.call_soon_threadsafe(worker.request_stop)
-        await asyncio.to_thread(thread.join)
-        loop.close()
+        child.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(child.wait)
+    if returncode != 0:
+        raise RuntimeError(
+            f"worker exited {returncode}: "
+            f"{errors.read_text(errors='replace').strip()[-500:]}"
+        )
     return latencies
 
 
@@ -196,7 +213,7 @@ def reads(ctx: Context) -> list[Measurement]:
     }
     plain.close()
     cached.close()
-    w2r = asyncio.run(_write_to_readable(settings, keystore, paths))
+    w2r = asyncio.run(_write_to_readable(settings, keystore, paths, group))
     ctx.extras.setdefault("reads", []).append(
         {"records": len(records), "l3": len(by_tier["l3"]), "demoted": demoted}
     )

@@ -1,8 +1,8 @@
 """The projection worker: a consumer group member that applies the memory topic.
 
-For each batch of one partition the worker decodes and validates every
-message (dead-lettering what it cannot apply), applies the rest to L2, then to
-the ledger, then to L1. Each durable projection moves its own checkpoint
+For each poll the worker decodes and validates every message (dead-lettering
+what it cannot apply), applies the rest to L2 in one transaction for all the
+partitions polled, then to the followers (ledger, L3) and to L1. Each durable projection moves its own checkpoint
 atomically with its writes, so Kafka's committed offsets are only a
 convenience: on every assignment the worker seeks to the lowest checkpoint of
 its projections and each projection skips what it already holds.
@@ -47,6 +47,27 @@ from strata.paths import StorePaths
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+#: Kafka offsets are committed at most this often while running (and always
+#: on revoke and stop). They are a convenience: the projections' checkpoints
+#: say where to resume, so committing after every poll would only add a
+#: round trip to each.
+COMMIT_INTERVAL_S = 1.0
+#: How often L2's write-ahead log is copied into its database in the background.
+WAL_CHECKPOINT_INTERVAL_S = 1.0
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One partition's share of a poll, as it moves through the projections."""
+
+    tp: TopicPartition
+    messages: Sequence[ConsumerRecord]
+    envelopes: list[Envelope]
+    next_offset: int
+    outcomes: list[Outcome | None] = field(default_factory=list)
+    #: Entries each follower made.
+    used: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +124,8 @@ class Worker:
         self.blocked: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._uncommitted: set[TopicPartition] = set()
+        self._committed_at = time.monotonic()
         self._owned: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
@@ -169,6 +192,9 @@ class Worker:
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         self._consumer.subscribe([topic], listener=_Rebalance(self))
+        wal = asyncio.get_running_loop().create_task(
+            self._checkpoint_wal_forever(), name="worker:l2-wal"
+        )
         try:
             await start_client(self._consumer, bootstrap, 30.0)
             log.info(
@@ -176,6 +202,8 @@ class Worker:
             )
             await self._loop(targets)
         finally:
+            wal.cancel()
+            await asyncio.gather(wal, return_exceptions=True)
             await self._shutdown()
         return self.report
 
@@ -223,10 +251,30 @@ class Worker:
                 if self._follow_l2_pointer():
                     # This fetch began at the old version's positions.
                     continue
-                for tp, messages in batches.items():
-                    if tp in self._owned and messages:
-                        await self._process(tp, messages)
-            await self._commit(self._consumer, set(batches) & self._owned)
+                await self._process(
+                    [(tp, m) for tp, m in batches.items() if tp in self._owned and m]
+                )
+            self._uncommitted |= set(batches)
+            if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+                await self._commit(self._consumer, self._uncommitted & self._owned)
+
+    async def _checkpoint_wal_forever(self) -> None:
+        """Keep L2's write-ahead log short from a thread, so commits never
+        stall on copying it into the database."""
+        while True:
+            await asyncio.sleep(WAL_CHECKPOINT_INTERVAL_S)
+            l2 = self.l2
+            if l2 is None:
+                continue
+            try:
+                await asyncio.to_thread(l2.checkpoint_wal)
+            except StoreError as exc:
+                log.warning(
+                    "worker.wal_checkpoint_failed",
+                    error=str(exc),
+                    consequence="the WAL grows until a checkpoint succeeds; "
+                    "past its bound the writer checkpoints inside a commit",
+                )
 
     def _follow_l2_pointer(self) -> bool:
         """Switch to the L2 version ``l2/CURRENT`` names; True when it changed.
@@ -263,6 +311,8 @@ class Worker:
     async def _commit(
         self, consumer: AIOKafkaConsumer, tps: set[TopicPartition]
     ) -> None:
+        self._committed_at = time.monotonic()
+        self._uncommitted -= tps
         offsets = {tp: self._positions[tp] for tp in tps if tp in self._positions}
         if not offsets:
             return
@@ -280,52 +330,84 @@ class Worker:
     # -- one batch -----------------------------------------------------------
 
     async def _process(
-        self, tp: TopicPartition, messages: Sequence[ConsumerRecord]
+        self, polled: Sequence[tuple[TopicPartition, Sequence[ConsumerRecord]]]
     ) -> None:
+        """Apply one poll: L2 for every partition in one transaction, then the
+        followers, each partition of each follower concurrently.
+
+        L2 goes first and alone because readers wait on its checkpoint: a
+        write is readable after one sync, whatever the followers cost.
+        """
+        if not polled:
+            return
         started = time.perf_counter()
-        partition = tp.partition
-        envelopes = await self._decode(tp, messages)
-        next_offset = messages[-1].offset + 1
+        batches: list[_Batch] = []
+        for tp, messages in polled:
+            envelopes = await self._decode(tp, messages)
+            batches.append(_Batch(tp, messages, envelopes, messages[-1].offset + 1))
         assert self.l2 is not None
         l2 = self.l2
 
-        async def apply_l2() -> list[Outcome | None]:
-            return l2.apply(partition, envelopes, next_offset)
+        async def apply_l2() -> list[list[Outcome | None]]:
+            return l2.apply_many(
+                [(b.tp.partition, b.envelopes, b.next_offset) for b in batches]
+            )
 
         began = time.perf_counter()
-        outcomes = await self._retrying("l2", apply_l2)
+        for batch, outcomes in zip(
+            batches, await self._retrying("l2", apply_l2), strict=True
+        ):
+            batch.outcomes = outcomes
         self.metrics.apply_latency.labels("l2").observe(time.perf_counter() - began)
-        used: dict[str, int] = {}
-        for follower in self.followers:
+        results = await asyncio.gather(
+            *(
+                self._follow(follower, batch)
+                for follower in self.followers
+                for batch in batches
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        for batch in batches:
+            self._finish(batch, started)
 
-            async def apply_follower(f: FollowerProjection = follower) -> int:
-                return await f.apply(partition, envelopes, outcomes, next_offset)
-
-            began = time.perf_counter()
-            used[follower.name] = await self._retrying(follower.name, apply_follower)
-            self.metrics.apply_latency.labels(follower.name).observe(
-                time.perf_counter() - began
+    async def _follow(self, follower: FollowerProjection, batch: _Batch) -> None:
+        async def attempt() -> int:
+            return await follower.apply(
+                batch.tp.partition, batch.envelopes, batch.outcomes, batch.next_offset
             )
-        self._update_l1(envelopes, outcomes)
-        self._positions[tp] = next_offset
+
+        began = time.perf_counter()
+        batch.used[follower.name] = await self._retrying(follower.name, attempt)
+        self.metrics.apply_latency.labels(follower.name).observe(
+            time.perf_counter() - began
+        )
+
+    def _finish(self, batch: _Batch, started: float) -> None:
+        tp, partition, outcomes = batch.tp, batch.tp.partition, batch.outcomes
+        self._update_l1(batch.envelopes, outcomes)
+        self._positions[tp] = batch.next_offset
         highwater = self._consumer.highwater(tp) if self._consumer else None
         if highwater is not None:
-            self.metrics.lag.labels(str(partition)).set(max(0, highwater - next_offset))
-
+            self.metrics.lag.labels(str(partition)).set(
+                max(0, highwater - batch.next_offset)
+            )
         applied = sum(1 for o in outcomes if o is not None)
-        self.report.events_seen += len(messages)
+        self.report.events_seen += len(batch.messages)
         self.report.events_applied += applied
         self.report.batches += 1
         self.metrics.events_applied.labels("l2", str(partition)).inc(applied)
-        for name, count in used.items():
+        for name, count in batch.used.items():
             self.metrics.events_applied.labels(name, str(partition)).inc(count)
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         log.debug(
             "worker.batch_applied",
             topic=tp.topic,
             partition=partition,
-            first_offset=messages[0].offset,
-            next_offset=next_offset,
+            first_offset=batch.messages[0].offset,
+            next_offset=batch.next_offset,
             applied=applied,
         )
 
@@ -440,6 +522,18 @@ class Worker:
         self, projection: str, attempt: Callable[[], Coroutine[Any, Any, T]]
     ) -> T:
         """Run a store write until it succeeds or the worker is asked to stop."""
+        if projection not in self.blocked:
+            # Most writes succeed at once; the retry machinery costs more than
+            # a small batch, so it starts only after a first failure.
+            try:
+                return await attempt()
+            except StoreError as exc:
+                log.info(
+                    "worker.store_write_failed",
+                    projection=projection,
+                    error=str(exc),
+                    consequence="retrying with backoff",
+                )
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None

@@ -4,10 +4,10 @@ aiokafka's ``send`` costs a partitioner call, a size check and a future per
 message, which on this workload is more than encrypting and encoding the
 event. Its batch API (``create_batch`` and ``send_batch``) skips all three:
 a :class:`Batcher` keeps one open batch per partition, appends each message
-to it, and a single sender task submits batches in the order they closed.
-A batch closes when it is full or when the event loop next runs the sender,
-so a lone write goes out at once and a burst of writes goes out in large
-batches. The producer's settings (idempotence, ``acks=all``, compression)
+to it, and hands batches to the client in order, one partition at a time
+each. A batch closes when it is full or when its partition's previous batch
+has been taken, so a lone write goes out at once and a burst of writes goes
+out in large batches. The producer's settings (idempotence, ``acks=all``, compression)
 apply to these batches as to any other.
 """
 
@@ -25,7 +25,7 @@ from projections.reader import WriteToken
 
 log = structlog.get_logger(__name__)
 
-#: Closed batches waiting for the sender before publishers are made to wait.
+#: Full batches waiting for the client before publishers are made to wait.
 MAX_READY = 12
 
 
@@ -39,6 +39,11 @@ class _Batch:
 class Batcher:
     """Appends messages to per-partition batches and sends them in order.
 
+    Each partition with work has its own sender task, which hands the
+    client one batch at a time: the client keeps one batch per partition in
+    flight (idempotence), and meanwhile the next batch of that partition
+    fills, while other partitions are not held up behind it.
+
     Args:
         producer: a started producer; the batcher does not own it.
         topic: where every message goes.
@@ -48,23 +53,21 @@ class Batcher:
         self._producer = producer
         self._topic = topic
         self._open: dict[int, _Batch] = {}
-        self._ready: collections.deque[_Batch] = collections.deque()
-        self._wakeup = asyncio.Event()
+        self._queued: dict[int, collections.deque[_Batch]] = collections.defaultdict(
+            collections.deque
+        )
+        self._waiting = 0  # batches closed and not yet handed to the client
+        self._senders: dict[int, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
         self._room.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closed = False
-        self._sender = asyncio.get_running_loop().create_task(
-            self._send_forever(), name=f"batcher:{topic}"
-        )
 
     async def append(
         self, partition: int, key: bytes, value: bytes
     ) -> asyncio.Future[WriteToken]:
         """Add one message; the future resolves once the broker acknowledged it.
 
-        Waits only when too many closed batches are queued for the sender.
+        Waits only when too many full batches are queued for the client.
 
         Raises:
             RuntimeError: the batcher was closed.
@@ -87,31 +90,41 @@ class Batcher:
             batch.builder.append(key=key, value=value, timestamp=None)
         waiter: asyncio.Future[WriteToken] = asyncio.get_running_loop().create_future()
         batch.waiters.append(waiter)
-        self._idle.clear()
-        self._wakeup.set()
+        if partition not in self._senders:
+            self._senders[partition] = asyncio.get_running_loop().create_task(
+                self._send(partition), name=f"batcher:{self._topic}:{partition}"
+            )
         return waiter
 
     def _close(self, batch: _Batch) -> None:
         del self._open[batch.partition]
-        self._ready.append(batch)
-        if len(self._ready) >= MAX_READY:
+        self._queued[batch.partition].append(batch)
+        self._waiting += 1
+        if self._waiting >= MAX_READY:
             self._room.clear()
 
-    async def _send_forever(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._ready or self._open:
-                if not self._ready:
-                    for batch in list(self._open.values()):
-                        self._close(batch)
-                batch = self._ready.popleft()
-                if len(self._ready) < MAX_READY:
+    async def _send(self, partition: int) -> None:
+        """Hand the partition's batches to the client in order, until none is left."""
+        queue = self._queued[partition]
+        try:
+            while True:
+                if not queue:
+                    if partition not in self._open:
+                        return
+                    # The batch that filled while the last one was in flight.
+                    self._close(self._open[partition])
+                batch = queue.popleft()
+                self._waiting -= 1
+                if self._waiting < MAX_READY:
                     self._room.set()
                 await self._submit(batch)
-            self._idle.set()
+        finally:
+            del self._senders[partition]
 
     async def _submit(self, batch: _Batch) -> None:
+        # Closed, the batch is ready at once: it already waited for the
+        # burst it belongs to, and lingering longer only adds latency.
+        batch.builder.close()
         try:
             delivery = await self._producer.send_batch(
                 batch.builder, self._topic, partition=batch.partition
@@ -130,26 +143,13 @@ class Batcher:
 
     async def flush(self) -> None:
         """Wait until every appended message has been handed to the client."""
-        while not self._idle.is_set():
-            idle = asyncio.ensure_future(self._idle.wait())
-            try:
-                await asyncio.wait(
-                    [idle, self._sender], return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                idle.cancel()
-            if self._sender.done():
-                self._sender.result()  # raises what stopped it
-                raise RuntimeError("the batch sender stopped")
+        while self._senders:
+            await asyncio.gather(*self._senders.values())
 
     async def close(self) -> None:
-        """Hand over what is queued, then stop the sender task."""
+        """Refuse new messages and hand over what is queued."""
         self._closed = True
-        try:
-            await self.flush()
-        finally:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
+        await self.flush()
 
 
 def _fail(waiters: list[asyncio.Future[WriteToken]], exc: BaseException) -> None:

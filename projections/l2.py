@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ CREATE TABLE IF NOT EXISTS erasures (
     PRIMARY KEY (tenant, partition)
 );
 """
+
+#: WAL pages after which the writer checkpoints by itself (about 80 MB).
+WRITER_AUTOCHECKPOINT_PAGES = 20_000
 
 #: (version, deleted, tier, class) of one key.
 _KeyState = tuple[int, bool, str, str]
@@ -218,12 +222,44 @@ class L2Projection:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         self._conn = connect(path, synchronous=synchronous)
+        # The writer would otherwise copy the WAL into the database itself
+        # every 1,000 pages, inside a commit, stalling that batch for as long
+        # as the copy and its sync take. :meth:`checkpoint_wal`, called in the
+        # background, keeps the WAL short; this only bounds it if nothing does.
+        self._conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+        self._wal_conn: sqlite3.Connection | None = None
+        self._wal_lock = threading.Lock()
         self._erased: set[tuple[str, int]] = set()
         self._begin_batch([])
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connections."""
         self._conn.close()
+        with self._wal_lock:
+            if self._wal_conn is not None:
+                self._wal_conn.close()
+                self._wal_conn = None
+
+    def checkpoint_wal(self) -> None:
+        """Copy committed WAL pages into the database file (``PASSIVE``).
+
+        Runs beside the writer without blocking it; meant for a background
+        thread (its own connection, used by one thread at a time).
+
+        Raises:
+            StoreError: the checkpoint failed.
+        """
+        with self._wal_lock:
+            try:
+                if self._wal_conn is None:
+                    self._wal_conn = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False
+                    )
+                self._wal_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"L2 {self.path}: WAL checkpoint failed: {exc}"
+                ) from exc
 
     def bind_topic(self, topic: str) -> None:
         """Record the topic this store projects, or check it is the one recorded.
@@ -272,26 +308,47 @@ class L2Projection:
         Raises:
             StoreError: the database cannot be written; nothing was applied.
         """
+        return self.apply_many([(partition, envelopes, next_offset)])[0]
+
+    def apply_many(
+        self, batches: Sequence[tuple[int, Sequence[Envelope], int]]
+    ) -> list[list[Outcome | None]]:
+        """Apply batches of several partitions in one transaction (one sync).
+
+        Each item is (partition, envelopes, next offset) as for :meth:`apply`;
+        the outcomes come back in the same order. All or none are applied.
+
+        Raises:
+            StoreError: the database cannot be written; nothing was applied.
+        """
         with self._transaction():
-            done = self.checkpoint(partition)
             self._erased = {
                 (r[0], r[1])
                 for r in self._conn.execute("SELECT tenant, partition FROM erasures")
             }
-            self._begin_batch([env for env in envelopes if env.offset >= done])
-            outcomes: list[Outcome | None] = []
-            for env in envelopes:
-                if env.offset < done:
-                    outcomes.append(self._recorded_outcome(partition, env.offset))
-                else:
-                    outcomes.append(self._apply_one(env))
-            self._flush()
-            if next_offset > done:
-                self._conn.execute(
-                    "INSERT INTO checkpoints (partition, next_offset) VALUES (?, ?) "
-                    "ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
-                    (partition, next_offset),
-                )
+            return [
+                self._apply_partition(partition, envelopes, next_offset)
+                for partition, envelopes, next_offset in batches
+            ]
+
+    def _apply_partition(
+        self, partition: int, envelopes: Sequence[Envelope], next_offset: int
+    ) -> list[Outcome | None]:
+        done = self.checkpoint(partition)
+        self._begin_batch([env for env in envelopes if env.offset >= done])
+        outcomes: list[Outcome | None] = []
+        for env in envelopes:
+            if env.offset < done:
+                outcomes.append(self._recorded_outcome(partition, env.offset))
+            else:
+                outcomes.append(self._apply_one(env))
+        self._flush()
+        if next_offset > done:
+            self._conn.execute(
+                "INSERT INTO checkpoints (partition, next_offset) VALUES (?, ?) "
+                "ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
+                (partition, next_offset),
+            )
         return outcomes
 
     @contextmanager
@@ -347,13 +404,8 @@ class L2Projection:
         )
         self._state = dict.fromkeys(idents)
         for chunk in _chunks(idents, 400):
-            values = ", ".join("(?, ?)" for _ in chunk)
             args = [part for ident in chunk for part in ident]
-            for row in self._conn.execute(
-                "SELECT tenant, key, version, deleted, tier, cls FROM records "  # noqa: S608
-                f"WHERE (tenant, key) IN (VALUES {values})",
-                args,
-            ):
+            for row in self._conn.execute(key_states_sql(len(chunk)), args):
                 self._state[(row[0], row[1])] = (
                     int(row[2]),
                     bool(row[3]),
@@ -609,6 +661,31 @@ def digest_database(conn: sqlite3.Connection) -> str:
     return total.to_bytes(32, "big").hex()
 
 
+def key_states_sql(count: int) -> str:
+    """The query reading the records of ``count`` (tenant, key) pairs.
+
+    A join from the wanted keys, so each one is a primary-key lookup;
+    ``(tenant, key) IN (VALUES ...)`` would make SQLite scan every record.
+    """
+    values = ", ".join("(?, ?)" for _ in range(count))
+    return (
+        f"WITH wanted (tenant, key) AS (VALUES {values}) "  # noqa: S608
+        "SELECT r.tenant, r.key, r.version, r.deleted, r.tier, r.cls "
+        "FROM wanted CROSS JOIN records AS r "
+        "ON r.tenant = wanted.tenant AND r.key = wanted.key"
+    )
+
+
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    try:
+        row = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
+        ).fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"L2 database: cannot be read: {exc}") from exc
+    return row is not None
+
+
 class L2Reader:
     """Read access to L2 for the read API; never writes.
 
@@ -634,7 +711,13 @@ class L2Reader:
         if self._conn is None:
             if not path.exists():
                 return None
-            self._conn = connect(path, readonly=True)
+            conn = connect(path, readonly=True)
+            if not _has_schema(conn):
+                # A worker created the file and has not committed its tables
+                # yet: nothing is projected so far.
+                conn.close()
+                return None
+            self._conn = conn
             self._open = path
         return self._conn
 

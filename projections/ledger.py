@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -106,6 +107,7 @@ class LedgerProjection:
         self.directory = directory
         self._settings = settings
         self._signer = signer
+        self._signer_lock = threading.Lock()
         self._states: dict[int, PartitionState] = {}
 
     @property
@@ -122,12 +124,13 @@ class LedgerProjection:
             ConfigError: the master key cannot be used.
             KeyUnavailableError: the signing key does not unwrap.
         """
-        if self._signer is None:
-            settings = self.settings
-            self._signer = load_or_create_signer(
-                StorePaths(settings.data_dir).keys, settings.master_key_path
-            )
-        return self._signer
+        with self._signer_lock:  # partitions append in threads at once
+            if self._signer is None:
+                settings = self.settings
+                self._signer = load_or_create_signer(
+                    StorePaths(settings.data_dir).keys, settings.master_key_path
+                )
+            return self._signer
 
     def checkpoint(self, partition: int) -> int:
         """The next offset of ``partition`` the ledger has not applied."""
@@ -395,7 +398,8 @@ def _append_durably(path: Path, data: bytes) -> None:
     with path.open("ab") as out:
         out.write(data)
         out.flush()
-        os.fsync(out.fileno())
+        # Data and the new size, which is all an append needs; not the mtime.
+        os.fdatasync(out.fileno())
 
 
 def _cut_tail(path: Path, size: int, partition: int, what: str) -> None:

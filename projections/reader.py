@@ -44,6 +44,9 @@ from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
 
+#: How often a reader waiting for its writes looks at L2's checkpoints.
+WATCH_INTERVAL_S = 0.002
+
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -151,6 +154,8 @@ class Reader:
         self.metrics = metrics
         self.stats = ReadStats(read_stats_path(first)) if track_reads else None
         self._clock = clock
+        self._waiters: list[tuple[WriteToken, asyncio.Future[None]]] = []
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_paths(cls, paths: StorePaths, keystore: Keyring, **options: Any) -> Reader:
@@ -168,21 +173,49 @@ class Reader:
         """Wait until L2 has projected the token's offset.
 
         L2 alone decides: a record it places in L3 is read from L2's copy
-        until L3 has caught up.
+        until L3 has caught up. However many callers wait, one task looks at
+        L2's checkpoints, every :data:`WATCH_INTERVAL_S`.
 
         Raises:
             NotProjectedError: it was not projected within ``timeout_s``.
+            StoreError: L2 cannot be read.
         """
-        deadline = time.monotonic() + timeout_s
-        delay = 0.005
-        while self.l2.checkpoint(token.partition) <= token.offset:
-            if time.monotonic() >= deadline:
-                raise NotProjectedError(
-                    f"offset {token.offset} of partition {token.partition} was not "
-                    f"projected within {timeout_s:g}s (is a worker running?)"
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        if self.l2.checkpoint(token.partition) > token.offset:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((token, waiter))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = loop.create_task(self._watch(), name="reader:watch-l2")
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            raise NotProjectedError(
+                f"offset {token.offset} of partition {token.partition} was not "
+                f"projected within {timeout_s:g}s (is a worker running?)"
+            ) from None
+
+    async def _watch(self) -> None:
+        """Wake the waiters whose offsets L2 has projected, until none is left."""
+        while self._waiters:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                checkpoints = self.l2.checkpoints()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                waiting, self._waiters = self._waiters, []
+                for _, waiter in waiting:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                return
+            still = []
+            for token, waiter in self._waiters:
+                if waiter.done():
+                    continue  # timed out or cancelled
+                if checkpoints.get(token.partition, 0) > token.offset:
+                    waiter.set_result(None)
+                else:
+                    still.append((token, waiter))
+            self._waiters = still
 
     async def get_after(
         self, tenant: str, key: str, token: WriteToken, *, timeout_s: float = 30.0

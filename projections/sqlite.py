@@ -44,7 +44,8 @@ def open_database(
             conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.executescript(schema)
+            # One transaction, so a reader never sees half of the tables.
+            conn.executescript(f"BEGIN;\n{schema}\nCOMMIT;")
         conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"{what} {path}: {exc}") from exc
