@@ -48,6 +48,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from consumers.replay import BoundedReplay, JobJournal, ReplayProgress
+from producers.batching import Batcher
 from producers.producer import now_ms, producer_options
 from projections.l2 import L2Reader, StoredRecord
 from projections.l3 import L3Reader
@@ -373,8 +374,9 @@ class RotationJob:
         if resumed and pending:
             await self._collect_published(job, pending)
 
-        producer = AIOKafkaProducer(**producer_options(self.settings))
-        await start_client(producer, bootstrap_of(self.settings), 30.0)
+        client = AIOKafkaProducer(**producer_options(self.settings))
+        await start_client(client, bootstrap_of(self.settings), 30.0)
+        producer = Batcher(client, self.settings.memory_topic)
         l2 = L2Reader(self.paths.l2_db)
         try:
 
@@ -401,7 +403,10 @@ class RotationJob:
             result = await replay.run(starts, handle, targets=pending)
         finally:
             l2.close()
-            await producer.stop()
+            try:
+                await producer.close()
+            finally:
+                await client.stop()
         if not result.complete:
             raise StoreError(f"rotation {job.job_id} stopped before its end offsets")
         report.records_read = result.records
@@ -410,22 +415,26 @@ class RotationJob:
     async def _batch(
         self,
         job: JobRecord,
-        producer: AIOKafkaProducer,
+        producer: Batcher,
         l2: L2Reader,
         report: RotationReport,
         partition: int,
         records: Sequence[ConsumerRecord],
     ) -> None:
         sends = []
+        stored = (
+            l2.written_between(partition, records[0].offset, records[-1].offset)
+            if records
+            else {}
+        )
         for msg in records:
-            event = await self._reencrypt(job, l2, report.counts, partition, msg)
+            event = await self._reencrypt(
+                job, stored.get(msg.offset), report.counts, msg
+            )
             if event is not None:
                 sends.append(
-                    await producer.send(
-                        self.settings.memory_topic,
-                        value=self.codec.encode(event),
-                        key=event.message_key,
-                        partition=partition,
+                    await producer.append(
+                        partition, event.message_key, self.codec.encode(event)
                     )
                 )
         if sends:
@@ -436,12 +445,14 @@ class RotationJob:
     async def _reencrypt(
         self,
         job: JobRecord,
-        l2: L2Reader,
+        stored: StoredRecord | None,
         counts: RotationCounts,
-        partition: int,
         msg: ConsumerRecord,
     ) -> MemoryReencrypted | None:
-        """The re-encryption of one message, or None when it needs none."""
+        """The re-encryption of one message, or None when it needs none.
+
+        ``stored`` is what L2 holds for the message's position, if anything.
+        """
         try:
             event = self.codec.decode(msg.value) if msg.value is not None else None
         except CodecError:
@@ -450,7 +461,6 @@ class RotationJob:
         if not isinstance(event, MemoryWritten) or event.tenant not in job.versions:
             return None
         target = job.versions[event.tenant]
-        stored = l2.written_at(partition, msg.offset)
         if stored is None or stored.event_id != event.event_id:
             counts.not_live += 1
             return None

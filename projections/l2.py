@@ -871,23 +871,28 @@ class L2Reader:
 
     # -- key coverage (rotation and erasure) -----------------------------------
 
-    def written_at(self, partition: int, offset: int) -> StoredRecord | None:
-        """The payload L2 holds for the write at this log position, if it was accepted.
+    def written_between(
+        self, partition: int, first: int, last: int
+    ) -> dict[int, StoredRecord]:
+        """The payloads L2 holds for the accepted writes at ``first..last``, by offset.
 
-        Its key version, nonce and ciphertext are the current ones: a
-        re-encryption replaces them in place.
+        Their key versions, nonces and ciphertexts are the current ones: a
+        re-encryption replaces them in place. One range read of the position
+        index, however many offsets.
         """
         db = self._db()
         if db is None:
-            return None
-        row = db.execute(
-            "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "
-            "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
-            "metadata FROM history WHERE partition = ? AND offset = ? "
-            "AND action = 'written' AND ciphertext IS NOT NULL",
-            (partition, offset),
-        ).fetchone()
-        return _record(row) if row else None
+            return {}
+        return {
+            int(row[7]): _record(row)
+            for row in db.execute(
+                "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "
+                "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
+                "metadata FROM history WHERE partition = ? AND offset BETWEEN ? AND ? "
+                "AND action = 'written' AND ciphertext IS NOT NULL",
+                (partition, first, last),
+            )
+        }
 
     def key_version_counts(self) -> dict[tuple[str, int], int]:
         """Stored payloads per (tenant, key version), every version of every key."""

@@ -110,12 +110,34 @@ def read_l2_pointer(path: Path) -> L2Pointer | None:
         StoreError: it exists but is unreadable or malformed. Falling back to
             version 1 instead would silently serve a stale projection.
     """
+    # Resolved once per batch and per read: reread only when the file changes.
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"L2 pointer {path}: {exc.strerror or exc}") from exc
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    known = _POINTERS.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StoreError(f"L2 pointer {path}: {exc.strerror or exc}") from exc
+    pointer = _parse_pointer(path, raw)
+    if len(_POINTERS) > 64:
+        _POINTERS.clear()
+    _POINTERS[path] = (stamp, pointer)
+    return pointer
+
+
+_POINTERS: dict[Path, tuple[tuple[int, int, int], L2Pointer]] = {}
+
+
+def _parse_pointer(path: Path, raw: str) -> L2Pointer:
     try:
         doc = json.loads(raw)
         version = doc["version"]

@@ -51,12 +51,13 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 def fill_disk(folder: Path) -> Path:
     """Write a file until the file system is full; return it."""
     filler = folder / "filler"
-    with filler.open("wb") as out:
+    # Unbuffered: a buffered file would keep the part of a chunk that did not
+    # fit, and fail again when closed.
+    with filler.open("wb", buffering=0) as out:
         chunk = b"\0" * 65536
         with contextlib.suppress(OSError):
             while True:
                 out.write(chunk)
-                out.flush()
     return filler
 
 

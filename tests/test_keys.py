@@ -237,8 +237,9 @@ async def test_rotation_killed_five_times_resumes_verifies_retires_and_rebuilds(
         "acme",
         "--tenant",
         "globex",
+        # One record per batch: enough batches that every kill lands mid-job.
         "--batch-size",
-        "3",
+        "1",
         "--json",
     )
     logs: list[str] = []
