@@ -56,7 +56,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,7 +68,7 @@ import structlog
 from consumers.replay import JobJournal
 from consumers.worker import Worker
 from producers.producer import MemoryProducer
-from projections.l2 import HistoryRow, L2Reader
+from projections.l2 import HistoryRow, L2Reader, StoredRecord
 from projections.reader import Reader, WriteToken
 from strata.config import Settings
 from strata.errors import StoreError, StrataError, UsageError
@@ -99,6 +99,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?$")
 # Publishing waits for acknowledgements in groups of this many, bounding memory.
 _IN_FLIGHT = 1000
+#: Records looked up in L2 together, and between progress updates.
+_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -854,38 +856,64 @@ class Backfill:
         began = time.monotonic()
         try:
             async with MemoryProducer(self.settings, self.keystore) as producer:
+                chunk: list[LegacyRecord] = []
                 for done, item in enumerate(export, 1):
-                    self._on_progress(
-                        BackfillProgress("publish", done, max(total, done))
-                    )
                     if isinstance(item, Failure):
                         report.fail(item)
-                        continue
-                    if item.event_id in seen:
+                    elif item.event_id in seen:
                         report.skipped += 1  # the same record listed twice
-                        continue
-                    seen.add(item.event_id)
-                    found = _first_row(reader, item.tenant, item.key, item.event_id)
-                    if found is not None and found.offset < starts.get(
-                        found.partition, 0
-                    ):
-                        report.skipped += 1
-                        continue
-                    if found is None:
-                        future = await self._publish(producer, item, report, began)
-                        if future is None:
-                            continue
-                        in_flight.append(future)
-                        if len(in_flight) >= _IN_FLIGHT:
-                            await asyncio.gather(*in_flight)
-                            in_flight.clear()
-                    published.append(_Published.of(item))
+                    else:
+                        seen.add(item.event_id)
+                        chunk.append(item)
+                    if len(chunk) >= _CHUNK or done == total:
+                        self._on_progress(
+                            BackfillProgress("publish", done, max(total, done))
+                        )
+                    if len(chunk) >= _CHUNK:
+                        await self._publish_chunk(
+                            producer, reader, chunk, starts, report, began,
+                            in_flight, published,
+                        )  # fmt: skip
+                        chunk = []
+                await self._publish_chunk(
+                    producer, reader, chunk, starts, report, began, in_flight, published
+                )
                 await asyncio.gather(*in_flight)
                 scanned = report.failed + report.skipped + len(published)
                 self._on_progress(BackfillProgress("publish", scanned, scanned))
         finally:
             reader.close()
         return published
+
+    async def _publish_chunk(
+        self,
+        producer: MemoryProducer,
+        reader: L2Reader,
+        chunk: list[LegacyRecord],
+        starts: dict[int, int],
+        report: BackfillReport,
+        began: float,
+        in_flight: list[asyncio.Future[WriteToken]],
+        published: list[_Published],
+    ) -> None:
+        """Publish what L2 does not hold yet of a chunk, looked up in one go."""
+        firsts = _first_rows(reader, chunk)
+        for item in chunk:
+            found = firsts.get(item.event_id)
+            if found is not None and found[0].offset < starts.get(
+                found[0].partition, 0
+            ):
+                report.skipped += 1
+                continue
+            if found is None:
+                future = await self._publish(producer, item, report, began)
+                if future is None:
+                    continue
+                in_flight.append(future)
+                if len(in_flight) >= _IN_FLIGHT:
+                    await asyncio.gather(*in_flight)
+                    in_flight.clear()
+            published.append(_Published.of(item))
 
     async def _publish(
         self,
@@ -922,8 +950,13 @@ class Backfill:
     ) -> None:
         reader = Reader(self.paths.l2_db, self.keystore, track_reads=False)
         try:
+            firsts: dict[str, tuple[HistoryRow, StoredRecord | None]] = {}
             for done, item in enumerate(published, 1):
-                problem = _read_back(reader, item)
+                if done % _CHUNK == 1:
+                    firsts = _first_rows(
+                        reader.l2, published[done - 1 : done - 1 + _CHUNK]
+                    )
+                problem = _read_back(reader, item, firsts.get(item.event_id))
                 if problem is None:
                     report.migrated += 1
                 else:
@@ -957,25 +990,40 @@ async def _record_failure(journal: JobJournal, exc: Exception) -> None:
         )
 
 
-def _first_row(
-    reader: L2Reader, tenant: str, key: str, event_id: str
-) -> HistoryRow | None:
-    """The first history row of an event (a later one may reject a duplicate)."""
-    rows = [r for r in reader.history(tenant, key) if r.event_id == event_id]
-    return min(rows, key=lambda r: (r.partition, r.offset)) if rows else None
+def _first_rows(
+    reader: L2Reader, items: Sequence[LegacyRecord | _Published]
+) -> dict[str, tuple[HistoryRow, StoredRecord | None]]:
+    """The first history row of each item's event on its own key, with its
+    payload (a later row may reject a duplicate), by event id."""
+    wanted = {item.event_id: (item.tenant, item.key) for item in items}
+    firsts: dict[str, tuple[HistoryRow, StoredRecord | None]] = {}
+    for tenant, key, row, stored in reader.event_rows(list(wanted)):
+        if wanted.get(row.event_id) != (tenant, key):
+            continue
+        known = firsts.get(row.event_id)
+        if known is None or (row.partition, row.offset) < (
+            known[0].partition,
+            known[0].offset,
+        ):
+            firsts[row.event_id] = (row, stored)
+    return firsts
 
 
-def _read_back(reader: Reader, item: _Published) -> str | None:
+def _read_back(
+    reader: Reader,
+    item: _Published,
+    first: tuple[HistoryRow, StoredRecord | None] | None,
+) -> str | None:
     """Why the stored record differs from its source; None when it does not.
 
-    The reason names fields, never values: payloads stay out of reports.
+    ``first`` is the event's first history row and payload. The reason names
+    fields, never values: payloads stay out of reports.
     """
-    row = _first_row(reader.l2, item.tenant, item.key, item.event_id)
-    if row is None:
+    if first is None:
         return "not projected: no history row holds its event"
+    row, stored = first
     if row.action != "written":
         return f"the projection recorded it as {row.action} ({row.reason})"
-    stored = reader.l2.version_payload(item.tenant, item.key, row.version)
     if stored is None or stored.event_id != item.event_id:
         return f"version {row.version} of the key holds another event"
     try:

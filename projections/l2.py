@@ -800,6 +800,40 @@ class L2Reader:
             )
         ]
 
+    def event_rows(
+        self, event_ids: Sequence[str]
+    ) -> list[tuple[str, str, HistoryRow, StoredRecord | None]]:
+        """(tenant, key, row, payload) of every history row of these events; the
+        payload is the stored record when the row is an accepted write.
+
+        Looked up by the event-id index, 900 ids a query: the bulk form of
+        :meth:`history` followed by :meth:`version_payload`.
+        """
+        db = self._db()
+        if db is None:
+            return []
+        out: list[tuple[str, str, HistoryRow, StoredRecord | None]] = []
+        ids = list(dict.fromkeys(event_ids))
+        for first in range(0, len(ids), 900):
+            chunk = ids[first : first + 900]
+            marks = ", ".join("?" for _ in chunk)
+            for row in db.execute(
+                "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "  # noqa: S608
+                "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
+                "metadata, action, reason, expected_version FROM history "
+                f"WHERE event_id IN ({marks})",
+                chunk,
+            ):
+                history = HistoryRow(
+                    row[2], row[17], row[18], row[9], row[10], row[5], row[6], row[7],
+                    row[19],
+                )  # fmt: skip
+                written = row[17] == "written" and row[14] is not None
+                out.append(
+                    (row[0], row[1], history, _record(row[:17]) if written else None)
+                )
+        return out
+
     def version_payload(
         self, tenant: str, key: str, version: int
     ) -> StoredRecord | None:
