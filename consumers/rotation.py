@@ -451,39 +451,43 @@ class RotationJob:
     ) -> MemoryReencrypted | None:
         """The re-encryption of one message, or None when it needs none.
 
-        ``stored`` is what L2 holds for the message's position, if anything.
+        ``stored`` is what L2 holds for the message's position, if anything:
+        L2 wrote it from this very message (a data dir is bound to its topic),
+        so the message is decoded only when L2 holds nothing, to count why.
         """
-        try:
-            event = self.codec.decode(msg.value) if msg.value is not None else None
-        except CodecError:
-            counts.undecodable += 1
+        if stored is None:
+            try:
+                event = self.codec.decode(msg.value) if msg.value is not None else None
+            except CodecError:
+                counts.undecodable += 1
+                return None
+            if isinstance(event, MemoryWritten) and event.tenant in job.versions:
+                counts.not_live += 1
             return None
-        if not isinstance(event, MemoryWritten) or event.tenant not in job.versions:
+        tenant = stored.tenant
+        if tenant not in job.versions:
             return None
-        target = job.versions[event.tenant]
-        if stored is None or stored.event_id != event.event_id:
-            counts.not_live += 1
-            return None
+        target = job.versions[tenant]
         if stored.key_version is not None and stored.key_version >= target:
             counts.current += 1
             return None
-        if event.event_id in self._published:
+        if stored.event_id in self._published:
             counts.already_published += 1
             return None
-        if event.tenant in self._skip_tenants:
+        if tenant in self._skip_tenants:
             counts.erased += 1
             return None
         try:
-            old = await self._key(event.tenant, stored.key_version or 0)
-            new = await self._key(event.tenant, target)
+            old = await self._key(tenant, stored.key_version or 0)
+            new = await self._key(tenant, target)
         except ErasedError:
             log.warning(
                 "rotation.tenant_erased",
                 job_id=job.job_id,
-                tenant=event.tenant,
+                tenant=tenant,
                 consequence="its records are skipped; erasure purges them",
             )
-            self._skip_tenants.add(event.tenant)
+            self._skip_tenants.add(tenant)
             counts.erased += 1
             return None
         return self._reseal(job.job_id, stored, old, new, counts)
