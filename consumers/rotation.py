@@ -32,6 +32,7 @@ then, rolling back is switching the primary back: nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -52,10 +53,11 @@ from producers.batching import Batcher
 from producers.producer import now_ms, producer_options
 from projections.l2 import L2Reader, StoredRecord
 from projections.l3 import L3Reader
+from projections.reader import WriteToken
 from schemas.codec import Codec
 from schemas.events import MemoryReencrypted, MemoryWritten
 from strata.config import Settings
-from strata.crypto import DataKey, open_sealed, seal
+from strata.crypto import DataKey, reseal
 from strata.errors import (
     CodecError,
     DecryptionError,
@@ -70,6 +72,10 @@ from strata.paths import StorePaths
 log = structlog.get_logger(__name__)
 
 KIND = "key-rotation"
+
+
+#: Batches re-encrypted ahead of the last one whose progress is recorded.
+_BATCHES_IN_FLIGHT = 4
 
 
 def reencryption_id(job_id: str, source_event_id: str) -> str:
@@ -378,12 +384,27 @@ class RotationJob:
         await start_client(client, bootstrap_of(self.settings), 30.0)
         producer = Batcher(client, self.settings.memory_topic)
         l2 = L2Reader(self.paths.l2_db)
+        # Batches are re-encrypted and queued while earlier ones wait for their
+        # acknowledgements; each batch's progress is recorded, in order, only
+        # once everything it published was acknowledged.
+        committing: collections.deque[asyncio.Task[None]] = collections.deque()
         try:
 
-            async def handle(
-                partition: int, records: Sequence[ConsumerRecord], next_offset: int
+            async def commit(
+                previous: asyncio.Task[None] | None,
+                partition: int,
+                sends: list[asyncio.Future[WriteToken]],
+                counts: RotationCounts,
+                next_offset: int,
+                records: int,
             ) -> None:
-                await self._batch(job, producer, l2, report, partition, records)
+                if previous is not None:
+                    await previous
+                if sends:
+                    acks = await asyncio.gather(*sends)
+                    job.out_offsets[partition] = max(a.offset for a in acks) + 1
+                    counts.reencrypted = len(sends)
+                report.counts.add(asdict(counts))
                 job.next_offsets[partition] = next_offset
                 await journal.record(
                     "progress", positions=_positions(job), counts=report.total()
@@ -393,7 +414,30 @@ class RotationJob:
                     job_id=job.job_id,
                     partition=partition,
                     next_offset=next_offset,
-                    records=len(records),
+                    records=records,
+                )
+
+            async def handle(
+                partition: int, records: Sequence[ConsumerRecord], next_offset: int
+            ) -> None:
+                while committing and committing[0].done():
+                    committing.popleft().result()  # raises what failed
+                if len(committing) >= _BATCHES_IN_FLIGHT:
+                    await committing.popleft()
+                counts = RotationCounts()
+                sends = await self._batch(job, producer, l2, counts, partition, records)
+                previous = committing[-1] if committing else None
+                committing.append(
+                    asyncio.ensure_future(
+                        commit(
+                            previous,
+                            partition,
+                            sends,
+                            counts,
+                            next_offset,
+                            len(records),
+                        )
+                    )
                 )
 
             replay = BoundedReplay(
@@ -401,7 +445,13 @@ class RotationJob:
             )
             starts = {p: job.next_offsets[p] for p in pending}
             result = await replay.run(starts, handle, targets=pending)
+            while committing:
+                await committing.popleft()
         finally:
+            # A failed run records no more progress than was acknowledged.
+            for task in committing:
+                task.cancel()
+            await asyncio.gather(*committing, return_exceptions=True)
             l2.close()
             try:
                 await producer.close()
@@ -417,10 +467,11 @@ class RotationJob:
         job: JobRecord,
         producer: Batcher,
         l2: L2Reader,
-        report: RotationReport,
+        counts: RotationCounts,
         partition: int,
         records: Sequence[ConsumerRecord],
-    ) -> None:
+    ) -> list[asyncio.Future[WriteToken]]:
+        """Re-encrypt a batch and queue what it publishes; return the sends."""
         sends = []
         stored = (
             l2.written_between(partition, records[0].offset, records[-1].offset)
@@ -428,19 +479,14 @@ class RotationJob:
             else {}
         )
         for msg in records:
-            event = await self._reencrypt(
-                job, stored.get(msg.offset), report.counts, msg
-            )
+            event = await self._reencrypt(job, stored.get(msg.offset), counts, msg)
             if event is not None:
                 sends.append(
                     await producer.append(
                         partition, event.message_key, self.codec.encode(event)
                     )
                 )
-        if sends:
-            acks = await asyncio.gather(*sends)
-            job.out_offsets[partition] = max(a.offset for a in acks) + 1
-            report.counts.reencrypted += len(sends)
+        return sends
 
     async def _reencrypt(
         self,
@@ -503,8 +549,9 @@ class RotationJob:
         assert stored.nonce is not None
         assert stored.ciphertext is not None
         try:
-            plaintext = open_sealed(
+            sealed = reseal(
                 old,
+                new,
                 stored.nonce,
                 stored.ciphertext,
                 tenant=stored.tenant,
@@ -522,27 +569,19 @@ class RotationJob:
             )
             counts.undecryptable += 1
             return None
-        sealed = seal(
-            new,
-            plaintext,
-            tenant=stored.tenant,
-            key=stored.key,
-            event_id=stored.event_id,
-        )
-        del plaintext
-        return MemoryReencrypted(
-            event_id=reencryption_id(job_id, stored.event_id),
-            tenant=stored.tenant,
-            key=stored.key,
-            version=stored.version,
-            source_event_id=stored.event_id,
-            key_id=sealed.key_id,
-            key_version=sealed.key_version,
-            nonce=sealed.nonce,
-            ciphertext=sealed.ciphertext,
-            content_hash=sealed.content_hash,
-            time_ms=now_ms(),
-            job_id=job_id,
+        return MemoryReencrypted(  # positional: once per record
+            reencryption_id(job_id, stored.event_id),
+            stored.tenant,
+            stored.key,
+            stored.version,
+            stored.event_id,
+            sealed.key_id,
+            sealed.key_version,
+            sealed.nonce,
+            sealed.ciphertext,
+            sealed.content_hash,
+            now_ms(),
+            job_id,
         )
 
     async def _key(self, tenant: str, version: int) -> DataKey:

@@ -197,7 +197,7 @@ def _record(row: Sequence[Any]) -> StoredRecord:
         nonce=row[13],
         ciphertext=row[14],
         content_hash=row[15],
-        metadata=json.loads(row[16]) if row[16] else {},
+        metadata=json.loads(row[16]) if row[16] and row[16] != "{}" else {},
     )
 
 

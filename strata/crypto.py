@@ -20,6 +20,7 @@ import functools
 import hashlib
 import hmac
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,11 +125,10 @@ def associated_data(tenant: str, key: str, event_id: str) -> bytes:
     big-endian length and its UTF-8 bytes.
     """
     t, k, e = tenant.encode(), key.encode(), event_id.encode()
-    return b"".join((_AAD_LABEL, _u32(len(t)), t, _u32(len(k)), k, _u32(len(e)), e))
+    return b"".join((_AAD_LABEL, _U32(len(t)), t, _U32(len(k)), k, _U32(len(e)), e))
 
 
-def _u32(n: int) -> bytes:
-    return n.to_bytes(4, "big")
+_U32 = struct.Struct(">I").pack
 
 
 def content_hash(data_key: DataKey, plaintext: bytes) -> bytes:
@@ -145,6 +145,10 @@ def seal(
         KeyUnavailableError: the key version has used up its encryptions.
         ValueError: ``tenant`` is not the data key's tenant.
     """
+    return _seal(data_key, plaintext, associated_data(tenant, key, event_id), tenant)
+
+
+def _seal(data_key: DataKey, plaintext: bytes, aad: bytes, tenant: str) -> Sealed:
     if tenant != data_key.tenant:
         # A key of one tenant must never seal another's data: keys are the
         # unit of erasure, and shredding a tenant has to take all its data.
@@ -152,7 +156,6 @@ def seal(
     if data_key.meter is not None:
         data_key.meter.take()
     nonce = os.urandom(NONCE_SIZE)
-    aad = associated_data(tenant, key, event_id)
     ciphertext = data_key.aead.encrypt(nonce, plaintext, aad)
     return Sealed(
         data_key.key_id,
@@ -179,6 +182,40 @@ def open_sealed(
             record, tenant or key version. The message names where, never what.
     """
     aad = associated_data(tenant, key, event_id)
+    return _open(data_key, nonce, ciphertext, aad, tenant, key, event_id)
+
+
+def reseal(
+    old: DataKey,
+    new: DataKey,
+    nonce: bytes,
+    ciphertext: bytes,
+    *,
+    tenant: str,
+    key: str,
+    event_id: str,
+) -> Sealed:
+    """Decrypt a payload under ``old`` and seal it under ``new`` for the same
+    record and event; the plaintext never leaves this function.
+
+    Raises:
+        DecryptionError: as :func:`open_sealed`.
+        KeyUnavailableError, ValueError: as :func:`seal`.
+    """
+    aad = associated_data(tenant, key, event_id)
+    plaintext = _open(old, nonce, ciphertext, aad, tenant, key, event_id)
+    return _seal(new, plaintext, aad, tenant)
+
+
+def _open(
+    data_key: DataKey,
+    nonce: bytes,
+    ciphertext: bytes,
+    aad: bytes,
+    tenant: str,
+    key: str,
+    event_id: str,
+) -> bytes:
     if tenant == data_key.tenant:
         try:
             return data_key.aead.decrypt(nonce, ciphertext, aad)

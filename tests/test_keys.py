@@ -31,7 +31,7 @@ from consumers.rotation import (
 from consumers.worker import Worker
 from producers.producer import MemoryProducer
 from projections.l2 import L2Reader
-from projections.reader import Reader
+from projections.reader import Reader, WriteToken
 from schemas.codec import Codec
 from schemas.events import MemoryReencrypted
 from strata.config import Settings, load_settings
@@ -554,12 +554,13 @@ async def test_a_batch_published_but_not_recorded_is_not_published_again(
     class FailsAfterFirstSends(RotationJob):
         failed = False
 
-        async def _batch(self, *args: Any) -> None:
-            await super()._batch(*args)
-            report = args[3]
-            if report.counts.reencrypted and not FailsAfterFirstSends.failed:
+        async def _batch(self, *args: Any) -> list[asyncio.Future[WriteToken]]:
+            sends = await super()._batch(*args)
+            if sends and not FailsAfterFirstSends.failed:
                 FailsAfterFirstSends.failed = True
+                await asyncio.gather(*sends)  # the broker acknowledged them
                 raise RuntimeError("stopped between publishing and recording")
+            return sends
 
     keyring = open_keystore(topics)
     written = await _write_corpus(topics, keyring, {"acme": 12})
