@@ -125,6 +125,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._uncommitted: set[TopicPartition] = set()
+        self._following: asyncio.Future[None] | None = None
         self._committed_at = time.monotonic()
         self._owned: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
@@ -208,6 +209,12 @@ class Worker:
         return self.report
 
     async def _shutdown(self) -> None:
+        try:
+            await self._drain_followers()
+        finally:
+            await self._close_clients()
+
+    async def _close_clients(self) -> None:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             # Revoke is not called on stop(): commit what is done first.
@@ -229,9 +236,14 @@ class Worker:
         assert self._consumer is not None
         while not self.stopping:
             self._follow_l2_pointer()
-            if targets and self._caught_up(targets):
-                log.info("worker.caught_up", partitions=len(targets))
-                return
+            if targets:
+                assert self.l2 is not None
+                if all(self.l2.checkpoint(p) >= end for p, end in targets.items()):
+                    await self._drain_followers()
+                if self._caught_up(targets):
+                    log.info("worker.caught_up", partitions=len(targets))
+                    return
+            self._raise_follower_failure()
             stop_wait = asyncio.ensure_future(self._stop.wait())
             fetch = asyncio.ensure_future(
                 self._consumer.getmany(timeout_ms=500, max_records=self.max_batch)
@@ -250,6 +262,7 @@ class Worker:
             async with self._lock:
                 if self._follow_l2_pointer():
                     # This fetch began at the old version's positions.
+                    await self._drain_followers()
                     continue
                 await self._process(
                     [(tp, m) for tp, m in batches.items() if tp in self._owned and m]
@@ -332,11 +345,14 @@ class Worker:
     async def _process(
         self, polled: Sequence[tuple[TopicPartition, Sequence[ConsumerRecord]]]
     ) -> None:
-        """Apply one poll: L2 for every partition in one transaction, then the
-        followers, each partition of each follower concurrently.
+        """Apply one poll: L2 for every partition in one transaction, then start
+        the followers, each partition of each follower concurrently.
 
         L2 goes first and alone because readers wait on its checkpoint: a
-        write is readable after one sync, whatever the followers cost.
+        write is readable after one sync, whatever the followers cost. The
+        followers of this poll run while the next poll is fetched and applied
+        to L2; they finish before the next poll's followers start, before a
+        revoke releases partitions and before any commit covers them.
         """
         if not polled:
             return
@@ -354,11 +370,14 @@ class Worker:
             )
 
         began = time.perf_counter()
-        for batch, outcomes in zip(
-            batches, await self._retrying("l2", apply_l2), strict=True
-        ):
-            batch.outcomes = outcomes
+        outcomes = await self._retrying("l2", apply_l2)
         self.metrics.apply_latency.labels("l2").observe(time.perf_counter() - began)
+        for batch, batch_outcomes in zip(batches, outcomes, strict=True):
+            batch.outcomes = batch_outcomes
+        await self._drain_followers()
+        self._following = asyncio.ensure_future(self._follow_all(batches, started))
+
+    async def _follow_all(self, batches: list[_Batch], started: float) -> None:
         results = await asyncio.gather(
             *(
                 self._follow(follower, batch)
@@ -372,6 +391,24 @@ class Worker:
                 raise result
         for batch in batches:
             self._finish(batch, started)
+
+    async def _drain_followers(self, *, raise_failure: bool = True) -> None:
+        """Wait for the followers of the last poll and raise what stopped them,
+        or, with ``raise_failure`` False, leave it for the loop to raise."""
+        following = self._following
+        if following is None:
+            return
+        await asyncio.wait({following})
+        if following.cancelled() or following.exception() is None:
+            self._following = None
+        elif raise_failure:
+            self._following = None
+            following.result()
+
+    def _raise_follower_failure(self) -> None:
+        if self._following is not None and self._following.done():
+            following, self._following = self._following, None
+            following.result()
 
     async def _follow(self, follower: FollowerProjection, batch: _Batch) -> None:
         async def attempt() -> int:
@@ -614,6 +651,11 @@ class Worker:
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
+            # Inside a rebalance callback an error would only be logged: a
+            # failure stays for the loop to raise. Positions move only when
+            # the followers succeed, so the commit below covers nothing they
+            # did not finish.
+            await self._drain_followers(raise_failure=False)
             self._owned -= revoked
             if self._consumer is not None:
                 await self._commit(self._consumer, revoked)
