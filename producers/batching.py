@@ -61,6 +61,7 @@ class Batcher:
         self._room = asyncio.Event()
         self._room.set()
         self._closed = False
+        self._loop = asyncio.get_running_loop()
 
     async def append(
         self, partition: int, key: bytes, value: bytes
@@ -88,10 +89,10 @@ class Batcher:
                 partition, self._producer.create_batch()
             )
             batch.builder.append(key=key, value=value, timestamp=None)
-        waiter: asyncio.Future[WriteToken] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[WriteToken] = self._loop.create_future()
         batch.waiters.append(waiter)
         if partition not in self._senders:
-            self._senders[partition] = asyncio.get_running_loop().create_task(
+            self._senders[partition] = self._loop.create_task(
                 self._send(partition), name=f"batcher:{self._topic}:{partition}"
             )
         return waiter

@@ -22,7 +22,7 @@ from projections.reader import WriteToken
 from schemas.codec import Codec
 from schemas.events import Event, MemoryDeleted, MemoryWritten
 from strata.config import Settings
-from strata.crypto import seal
+from strata.crypto import associated_data, seal_parts
 from strata.errors import UsageError
 from strata.kafka import (
     bootstrap_of,
@@ -193,12 +193,9 @@ class MemoryProducer:
         if expected_version is not None and expected_version < 0:
             raise UsageError(f"expected version {expected_version} is negative")
         event_id = event_id or new_event_id()
-        sealed = seal(
-            self.keystore.primary(tenant),
-            data,
-            tenant=tenant,
-            key=key,
-            event_id=event_id,
+        data_key = self.keystore.primary(tenant)
+        nonce, ciphertext, content_hash = seal_parts(
+            data_key, data, associated_data(tenant, key, event_id), tenant
         )
         # Positional: this runs once per write, and keywords cost twice as much.
         return MemoryWritten(
@@ -208,11 +205,11 @@ class MemoryProducer:
             cls,
             agent,
             time_ms if time_ms is not None else now_ms(),
-            sealed.key_id,
-            sealed.key_version,
-            sealed.nonce,
-            sealed.ciphertext,
-            sealed.content_hash,
+            data_key.key_id,
+            data_key.version,
+            nonce,
+            ciphertext,
+            content_hash,
             expected_version,
             dict(metadata) if metadata else {},
         )

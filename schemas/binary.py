@@ -16,6 +16,7 @@ read correctly is accepted. Tests check plans against fastavro byte for byte.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ def _varint(n: int) -> bytes:
 
 
 _SMALL_VARINTS = [_varint(n) for n in range(_SMALL)]
+# Larger values recur too: a writer's timestamps repeat within a millisecond.
+_cached_varint = functools.lru_cache(maxsize=1024)(_varint)
 
 
 def _length(n: int) -> bytes:
@@ -353,7 +356,7 @@ class RecordPlan:
         """
         scope: dict[str, Any] = {
             "PlanError": PlanError,
-            "varint": _varint,
+            "varint": _cached_varint,
             "SMALL": _SMALL_VARINTS,
             "LIMIT": _SMALL,
             "prefix": prefix,
@@ -362,13 +365,16 @@ class RecordPlan:
             "INT_MIN": _INT_MIN,
             "INT_MAX": _INT_MAX,
         }
-        lines = ["def encode(obj):", "    out = [prefix]", "    put = out.append"]
+        lines = ["def encode(obj):"]
+        parts = ["prefix"]
         for i, (name, writer) in enumerate(self._steps):
-            kind = self._types[i]
+            code, names = _write_code(self._types[i], i)
             lines.append(f"    v = obj.{name}")
-            lines.extend("    " + line for line in _inline_write(kind, f"w{i}"))
+            lines.extend("    " + line for line in code)
+            parts.extend(names)
             scope[f"w{i}"] = writer
-        lines.append("    return b''.join(out)")
+        # One join of locals: a list appended to per field costs more.
+        lines.append(f"    return b''.join(({', '.join(parts)},))")
         exec("\n".join(lines), scope)  # noqa: S102 - source built above from the schema
         function: Callable[[Any], bytes] = scope["encode"]
         return function
@@ -387,19 +393,18 @@ if size < 0 or end > size_of:
 """
 
 
-def _inline_write(kind: Any, writer: str) -> list[str]:
-    """Source lines appending the encoding of ``v`` through ``put``."""
+def _write_code(kind: Any, i: int) -> tuple[list[str], list[str]]:
+    """Source lines encoding ``v`` into local byte strings, and their names."""
     if kind in ("string", "bytes"):
         check = "str" if kind == "string" else "bytes"
         raw = "v.encode()" if kind == "string" else "v"
         return [
             f"if type(v) is not {check}:",
             f"    raise PlanError('not {kind}')",
-            f"r = {raw}",
-            "n = len(r)",
-            "put(SMALL[n] if n < LIMIT else varint(n))",
-            "put(r)",
-        ]
+            f"b{i} = {raw}",
+            f"n = len(b{i})",
+            f"a{i} = SMALL[n] if n < LIMIT else varint(n)",
+        ], [f"a{i}", f"b{i}"]
     if kind in ("long", "int"):
         low, high = (
             ("LONG_MIN", "LONG_MAX") if kind == "long" else ("INT_MIN", "INT_MAX")
@@ -407,20 +412,27 @@ def _inline_write(kind: Any, writer: str) -> list[str]:
         return [
             f"if type(v) is not int or not {low} <= v <= {high}:",
             f"    raise PlanError('not {kind}')",
-            "put(SMALL[v] if 0 <= v < LIMIT else varint(v))",
-        ]
+            f"a{i} = SMALL[v] if 0 <= v < LIMIT else varint(v)",
+        ], [f"a{i}"]
     if isinstance(kind, list) and len(kind) == 2 and kind[0] == "null":
-        inner = _inline_write(kind[1], writer)
-        if inner[0].startswith(writer):
-            return [f"{writer}(v, out)"]
+        inner, parts = _write_code(kind[1], i)
+        if parts == [f"a{i}"] and inner[-1].startswith(f"a{i} = b''.join"):
+            return _closure_code(i)
         return [
             "if v is None:",
-            "    put(b'\\x00')",
+            f"    u{i} = b'\\x00'",
+            *(f"    {part} = b''" for part in parts),
             "else:",
-            "    put(b'\\x02')",
+            f"    u{i} = b'\\x02'",
             *("    " + line for line in inner),
-        ]
-    return [f"{writer}(v, out)"]
+        ], [f"u{i}", *parts]
+    return _closure_code(i)
+
+
+def _closure_code(i: int) -> tuple[list[str], list[str]]:
+    # Maps, arrays and unions of several types: the compiled writer, into a
+    # list of its own.
+    return ["t = []", f"w{i}(v, t)", f"a{i} = b''.join(t)"], [f"a{i}"]
 
 
 def _inline(kind: Any, target: str, reader: str) -> list[str]:

@@ -145,10 +145,25 @@ def seal(
         KeyUnavailableError: the key version has used up its encryptions.
         ValueError: ``tenant`` is not the data key's tenant.
     """
-    return _seal(data_key, plaintext, associated_data(tenant, key, event_id), tenant)
+    return Sealed(
+        data_key.key_id,
+        data_key.version,
+        *seal_parts(
+            data_key, plaintext, associated_data(tenant, key, event_id), tenant
+        ),
+    )
 
 
-def _seal(data_key: DataKey, plaintext: bytes, aad: bytes, tenant: str) -> Sealed:
+def seal_parts(
+    data_key: DataKey, plaintext: bytes, aad: bytes, tenant: str
+) -> tuple[bytes, bytes, bytes]:
+    """:func:`seal` as (nonce, ciphertext, content hash), for a caller that
+    builds its event from them directly and has ``aad`` from
+    :func:`associated_data`.
+
+    Raises:
+        KeyUnavailableError, ValueError: as :func:`seal`.
+    """
     if tenant != data_key.tenant:
         # A key of one tenant must never seal another's data: keys are the
         # unit of erasure, and shredding a tenant has to take all its data.
@@ -157,13 +172,7 @@ def _seal(data_key: DataKey, plaintext: bytes, aad: bytes, tenant: str) -> Seale
         data_key.meter.take()
     nonce = os.urandom(NONCE_SIZE)
     ciphertext = data_key.aead.encrypt(nonce, plaintext, aad)
-    return Sealed(
-        data_key.key_id,
-        data_key.version,
-        nonce,
-        ciphertext,
-        data_key.content_hash(plaintext),
-    )
+    return nonce, ciphertext, data_key.content_hash(plaintext)
 
 
 def open_sealed(
@@ -204,7 +213,7 @@ def reseal(
     """
     aad = associated_data(tenant, key, event_id)
     plaintext = _open(old, nonce, ciphertext, aad, tenant, key, event_id)
-    return _seal(new, plaintext, aad, tenant)
+    return Sealed(new.key_id, new.version, *seal_parts(new, plaintext, aad, tenant))
 
 
 def _open(
