@@ -193,6 +193,20 @@ def _union(branches: list[Any]) -> tuple[Reader, Writer] | None:
     return read, write
 
 
+def _read_blocks(buf: bytes, pos: int, read_one: Callable[[bytes, int], int]) -> int:
+    """Read a map's or array's blocks (a count, when negative followed by the
+    block's byte size, then the items) up to the empty block; return the end."""
+    while True:
+        count, pos = read_long(buf, pos)
+        if count == 0:
+            return pos
+        if count < 0:
+            count = -count
+            _, pos = read_long(buf, pos)
+        for _ in range(count):
+            pos = read_one(buf, pos)
+
+
 def _map(values: Any) -> tuple[Reader, Writer] | None:
     item = _field(values)
     if item is None:
@@ -201,16 +215,13 @@ def _map(values: Any) -> tuple[Reader, Writer] | None:
 
     def read(buf: bytes, pos: int) -> tuple[dict[str, Any], int]:
         result: dict[str, Any] = {}
-        while True:
-            count, pos = read_long(buf, pos)
-            if count == 0:
-                return result, pos
-            if count < 0:
-                count = -count
-                _, pos = read_long(buf, pos)  # the block's byte size
-            for _ in range(count):
-                key, pos = _read_string(buf, pos)
-                result[key], pos = read_item(buf, pos)
+
+        def one(buf: bytes, pos: int) -> int:
+            key, pos = _read_string(buf, pos)
+            result[key], pos = read_item(buf, pos)
+            return pos
+
+        return result, _read_blocks(buf, pos, one)
 
     def write(value: Any, out: list[bytes]) -> None:
         if type(value) is not dict:
@@ -233,16 +244,13 @@ def _array(items: Any) -> tuple[Reader, Writer] | None:
 
     def read(buf: bytes, pos: int) -> tuple[list[Any], int]:
         result: list[Any] = []
-        while True:
-            count, pos = read_long(buf, pos)
-            if count == 0:
-                return result, pos
-            if count < 0:
-                count = -count
-                _, pos = read_long(buf, pos)
-            for _ in range(count):
-                value, pos = read_item(buf, pos)
-                result.append(value)
+
+        def one(buf: bytes, pos: int) -> int:
+            value, pos = read_item(buf, pos)
+            result.append(value)
+            return pos
+
+        return result, _read_blocks(buf, pos, one)
 
     def write(value: Any, out: list[bytes]) -> None:
         if type(value) is not list:
