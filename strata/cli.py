@@ -11,7 +11,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +23,9 @@ from strata.commands._common import settings as _settings
 from strata.config import Settings
 from strata.errors import StrataError, UsageError
 from strata.logging import configure_logging
+
+if TYPE_CHECKING:
+    from projections.reader import WriteToken
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -308,12 +311,14 @@ def get_cmd(
     from projections.reader import WriteToken
 
     _check_names(tenant, key)
-    reader = _reader(_settings())
+    settings = _settings()
+    reader = _reader(settings)
     if wait is not None:
         try:
             token = WriteToken.parse(wait)
         except ValueError:
             raise UsageError(f"--wait {wait!r}: expected PARTITION:OFFSET") from None
+        _run(_check_token(settings, token, wait))
         _run(reader.wait_for(token, timeout_s=timeout))
     memory = reader.get(tenant, key, as_of=as_of)
     _emit(
@@ -321,6 +326,26 @@ def get_cmd(
         memory.to_dict(),
         lambda: _write_bytes(memory.payload + b"\n"),
     )
+
+
+async def _check_token(settings: Settings, token: WriteToken, shown: str) -> None:
+    """Refuse a token no write could have returned, rather than wait for it."""
+    from strata.kafka import end_offsets
+
+    topic = settings.memory_topic
+    ends = {
+        tp.partition: end for tp, end in (await end_offsets(settings, [topic])).items()
+    }
+    if token.partition not in ends:
+        raise UsageError(
+            f"--wait {shown}: topic {topic} has no partition {token.partition} "
+            f"(it has {len(ends)})"
+        )
+    if token.offset >= ends[token.partition]:
+        raise UsageError(
+            f"--wait {shown}: partition {token.partition} of {topic} ends at offset "
+            f"{ends[token.partition]}; no write has offset {token.offset} yet"
+        )
 
 
 @app.command("history")

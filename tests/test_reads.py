@@ -6,6 +6,7 @@ import asyncio
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,24 @@ async def test_unknown_tenant_or_key_is_a_clear_not_found(
     )
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == "strata: nobody/k: not found\n"
+
+
+async def test_get_wait_refuses_a_token_no_write_returned(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """A partition the topic lacks, or an offset past its end, is a one-line
+    usage error at once, not a wait until the timeout."""
+    for token, why in [("99:0", "has no partition 99"), ("0:5", "ends at offset 0")]:
+        began = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "strata", "get", "acme", "k", "--wait", token],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert why in done.stderr
+        assert done.stderr.count("\n") == 1
+        assert time.monotonic() - began < 25  # the default --timeout is 30 s
