@@ -7,13 +7,18 @@ line can exit 2 with one clear line.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from pathlib import Path
 
+import structlog
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from strata.errors import ConfigError
+
+log = structlog.get_logger(__name__)
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 _BOOTSTRAP_RE = re.compile(r"^[^\s,:]+:\d{1,5}(,[^\s,:]+:\d{1,5})*$")
@@ -136,6 +141,7 @@ def load_settings(**overrides: object) -> Settings:
     Args:
         overrides: values that take precedence over the environment.
     """
+    _warn_unknown_variables()
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except SettingsError as exc:
@@ -148,3 +154,29 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError(
             f"STRATA_{field.upper()}: {first['msg']} (got {first.get('input')!r})"
         ) from None
+
+
+#: ``STRATA_`` variables read outside :class:`Settings`.
+OTHER_VARIABLES = frozenset({"STRATA_KAFKA_JARS_DIR"})
+_warned: set[str] = set()
+
+
+def _warn_unknown_variables() -> None:
+    """Say, once per process, which ``STRATA_`` variables nothing reads.
+
+    A misspelt variable would otherwise be ignored without a word, and the
+    setting it meant to change would keep its default.
+    """
+    known = {f"STRATA_{name.upper()}" for name in Settings.model_fields}
+    known |= OTHER_VARIABLES
+    for name in sorted(os.environ):
+        if not name.startswith("STRATA_") or name in known or name in _warned:
+            continue
+        _warned.add(name)
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        log.warning(
+            "settings.unknown_variable",
+            variable=name,
+            did_you_mean=close[0] if close else None,
+            consequence="ignored: no setting has this name",
+        )
