@@ -23,7 +23,7 @@ from consumers.validation import decode_and_validate
 from schemas.codec import Codec
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError
-from strata.kafka import bootstrap_of, start_client
+from strata.kafka import bootstrap_of, existing_end_offsets, start_client
 from strata.keystore import Keyring
 
 log = structlog.get_logger(__name__)
@@ -151,7 +151,11 @@ async def read_dead_letters(
 
     A letter is resolved when a later tombstone for its key follows it; the
     same poison sent twice is shown once.
+
+    Raises:
+        UsageError: the dead-letter topic does not exist.
     """
+    await existing_end_offsets(settings, settings.dlq_topic, timeout_s=timeout_s)
     bootstrap = bootstrap_of(settings)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,

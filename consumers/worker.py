@@ -38,8 +38,8 @@ from projections.registry import build_followers
 from schemas.codec import Codec
 from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
 from strata.config import Settings
-from strata.errors import ApplyError, CodecError, StoreError, StrataError, UsageError
-from strata.kafka import bootstrap_of, end_offsets, start_client
+from strata.errors import ApplyError, CodecError, StoreError, StrataError
+from strata.kafka import bootstrap_of, existing_end_offsets, start_client
 from strata.keystore import Keyring, open_keystore
 from strata.metrics import WorkerMetrics
 from strata.paths import StorePaths
@@ -158,11 +158,7 @@ class Worker:
         """
         bootstrap = bootstrap_of(self.settings)
         topic = self.settings.memory_topic
-        ends = await end_offsets(self.settings, [topic])
-        if not ends:
-            raise UsageError(
-                f"topic {topic} does not exist on {bootstrap}: run `strata topics ensure`"
-            )
+        ends = await existing_end_offsets(self.settings, topic)
         targets = (
             {tp.partition: off for tp, off in ends.items()}
             if self.until_caught_up

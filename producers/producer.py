@@ -26,7 +26,7 @@ from strata.crypto import associated_data, seal_parts
 from strata.errors import UsageError
 from strata.kafka import (
     bootstrap_of,
-    end_offsets,
+    existing_end_offsets,
     key_partition,
     message_limit,
     start_client,
@@ -98,13 +98,9 @@ class MemoryProducer:
             BrokerError: the broker cannot be reached.
         """
         topic = self.settings.memory_topic
-        if not await end_offsets(
-            self.settings, [topic], timeout_s=self._start_timeout_s
-        ):
-            raise UsageError(
-                f"topic {topic} does not exist on {bootstrap_of(self.settings)}: "
-                "run `strata topics ensure`"
-            )
+        await existing_end_offsets(
+            self.settings, topic, timeout_s=self._start_timeout_s
+        )
         options = producer_options(self.settings)
         self._producer = AIOKafkaProducer(**options)
         await start_client(

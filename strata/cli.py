@@ -587,13 +587,34 @@ def _register_commands() -> None:
         module.register(app)
 
 
+def _framework_error(name: str) -> type[Any]:
+    # The CLI framework's own error classes, found through the one it exports
+    # (typer.BadParameter), whichever click the installed typer builds on.
+    found: type[Any] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+    return found
+
+
+_CLI_USAGE_ERROR = _framework_error("UsageError")
+_CLI_ERROR = _framework_error("ClickException")
+
+
 def main() -> None:
     """Entry point of the ``strata`` command."""
     _register_commands()
     try:
-        app()
+        code = app(standalone_mode=False)
     except StrataError as exc:
         sys.stderr.write(f"strata: {exc}\n")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except _CLI_USAGE_ERROR as exc:
+        # One line, like every other error, instead of the framework's box.
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "strata"
+        sys.stderr.write(f"{where}: {exc.format_message()} (see --help)\n")
+        sys.exit(exc.exit_code)
+    except _CLI_ERROR as exc:
+        sys.stderr.write(f"strata: {exc.format_message()}\n")
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

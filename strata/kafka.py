@@ -19,7 +19,7 @@ from aiokafka.partitioner import murmur2
 
 from strata.broker import recorded_bootstrap
 from strata.config import Settings
-from strata.errors import BrokerError, ConfigError
+from strata.errors import BrokerError, ConfigError, UsageError
 
 log = structlog.get_logger(__name__)
 
@@ -174,3 +174,21 @@ async def end_offsets(
         return result
     finally:
         await consumer.stop()
+
+
+async def existing_end_offsets(
+    settings: Settings, topic: str, *, timeout_s: float = 30.0
+) -> dict[TopicPartition, int]:
+    """:func:`end_offsets` of one topic that must exist.
+
+    Raises:
+        UsageError: the topic does not exist.
+        BrokerError: the broker cannot be reached.
+    """
+    ends = await end_offsets(settings, [topic], timeout_s=timeout_s)
+    if not ends:
+        raise UsageError(
+            f"topic {topic} does not exist on {bootstrap_of(settings)}: "
+            "run `strata topics ensure`"
+        )
+    return ends

@@ -13,16 +13,27 @@ from projections.l2 import L2Reader
 from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
-from strata.kafka import end_offsets
+from strata.errors import UsageError
+from strata.kafka import bootstrap_of, end_offsets
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
-    """Per partition: each projection's checkpoint, the end offset, and the lag."""
+    """Per partition: each projection's checkpoint, the end offset, and the lag.
+
+    Raises:
+        UsageError: the memory topic does not exist.
+    """
     paths = StorePaths(settings.data_dir)
     ends = await end_offsets(settings, [settings.memory_topic, settings.dlq_topic])
+    if not any(tp.topic == settings.memory_topic for tp in ends):
+        # An empty table with no lag would read as "all caught up".
+        raise UsageError(
+            f"topic {settings.memory_topic} does not exist on {bootstrap_of(settings)}: "
+            "check STRATA_TOPIC_PREFIX, or run `strata topics ensure`"
+        )
     l2 = L2Reader(paths.l2_db)
     l2_ckpts = l2.checkpoints()
     l2.close()
