@@ -747,6 +747,24 @@ class L2Reader:
             else {}
         )
 
+    def check_topic(self, topic: str) -> None:
+        """Refuse to read for ``topic`` a store projected from another topic.
+
+        Raises:
+            ConfigError: the store was built from another topic.
+        """
+        db = self._db()
+        row = (
+            db.execute("SELECT value FROM meta WHERE name = 'topic'").fetchone()
+            if db
+            else None
+        )
+        if row is not None and row[0] != topic:
+            raise ConfigError(
+                f"{self.path} holds topic {row[0]!r}, not {topic!r}: check "
+                "STRATA_TOPIC_PREFIX, or use the data dir of this topic"
+            )
+
     def is_erased(self, tenant: str) -> bool:
         """Whether a TenantErased event for this tenant was projected."""
         db = self._db()

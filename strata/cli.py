@@ -283,7 +283,9 @@ def _reader(settings: Settings) -> Any:
     from strata.keystore import open_keystore
     from strata.paths import StorePaths
 
-    return Reader.from_paths(StorePaths(settings.data_dir), open_keystore(settings))
+    reader = Reader.from_paths(StorePaths(settings.data_dir), open_keystore(settings))
+    reader.l2.check_topic(settings.memory_topic)
+    return reader
 
 
 @app.command("get")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from projections.l2 import L2Projection
+from strata.paths import StorePaths
 
 
 def _strata(env: dict[str, str] | None, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,3 +54,19 @@ def test_a_missing_topic_is_named_at_once(
     assert done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert "does not exist" in done.stderr
     assert "strata topics ensure" in done.stderr
+
+
+def test_reading_with_another_prefix_than_the_store_holds_is_refused(
+    cli_env: dict[str, str],
+) -> None:
+    """A data dir projected from one topic does not answer for another prefix."""
+    paths = StorePaths(Path(cli_env["STRATA_DATA_DIR"]))
+    l2 = L2Projection(paths.l2_db)
+    l2.bind_topic("someone-else.memory")
+    l2.close()
+    for command in (("get", "acme", "k"), ("history", "acme", "k"), ("list", "acme")):
+        done = _strata(cli_env, *command)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "someone-else.memory" in done.stderr
+        assert "STRATA_TOPIC_PREFIX" in done.stderr
