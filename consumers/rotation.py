@@ -51,7 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from consumers.replay import BoundedReplay, JobJournal, ReplayProgress
 from producers.batching import Batcher
 from producers.producer import now_ms, producer_options
-from projections.l2 import L2Reader, StoredRecord
+from projections.l2 import L2Reader, StoredPayload
 from projections.l3 import L3Reader
 from projections.reader import WriteToken
 from schemas.codec import Codec
@@ -474,7 +474,7 @@ class RotationJob:
         """Re-encrypt a batch and queue what it publishes; return the sends."""
         sends = []
         stored = (
-            l2.written_between(partition, records[0].offset, records[-1].offset)
+            l2.payloads_between(partition, records[0].offset, records[-1].offset)
             if records
             else {}
         )
@@ -491,7 +491,7 @@ class RotationJob:
     async def _reencrypt(
         self,
         job: JobRecord,
-        stored: StoredRecord | None,
+        stored: StoredPayload | None,
         counts: RotationCounts,
         msg: ConsumerRecord,
     ) -> MemoryReencrypted | None:
@@ -541,13 +541,11 @@ class RotationJob:
     def _reseal(
         self,
         job_id: str,
-        stored: StoredRecord,
+        stored: StoredPayload,
         old: DataKey,
         new: DataKey,
         counts: RotationCounts,
     ) -> MemoryReencrypted | None:
-        assert stored.nonce is not None
-        assert stored.ciphertext is not None
         try:
             sealed = reseal(
                 old,

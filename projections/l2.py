@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -162,6 +162,20 @@ class StoredRecord:
     def size(self) -> int:
         """Bytes this record holds, roughly: what L1 counts against its bound."""
         return len(self.ciphertext or b"") + len(self.key) + len(self.tenant) + 160
+
+
+class StoredPayload(NamedTuple):
+    """The sealed payload of one accepted write, and where it came from."""
+
+    tenant: str
+    key: str
+    version: int
+    event_id: str
+    key_version: int | None
+    nonce: bytes
+    ciphertext: bytes
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,9 +937,9 @@ class L2Reader:
 
     # -- key coverage (rotation and erasure) -----------------------------------
 
-    def written_between(
+    def payloads_between(
         self, partition: int, first: int, last: int
-    ) -> dict[int, StoredRecord]:
+    ) -> dict[int, StoredPayload]:
         """The payloads L2 holds for the accepted writes at ``first..last``, by offset.
 
         Their key versions, nonces and ciphertexts are the current ones: a
@@ -936,12 +950,12 @@ class L2Reader:
         if db is None:
             return {}
         return {
-            int(row[7]): _record(row)
+            row[8]: StoredPayload._make(row)
             for row in db.execute(
-                "SELECT tenant, key, version, 0, cls, time_ms, partition, offset, 'l2', "
-                "event_id, agent, key_id, key_version, nonce, ciphertext, content_hash, "
-                "metadata FROM history WHERE partition = ? AND offset BETWEEN ? AND ? "
-                "AND action = 'written' AND ciphertext IS NOT NULL",
+                "SELECT tenant, key, version, event_id, key_version, nonce, ciphertext, "
+                "partition, offset FROM history WHERE partition = ? "
+                "AND offset BETWEEN ? AND ? AND action = 'written' "
+                "AND ciphertext IS NOT NULL",
                 (partition, first, last),
             )
         }
