@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from consumers.validation import decode_and_validate
 from schemas.codec import Codec
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError
-from strata.kafka import bootstrap_of, existing_end_offsets, start_client
+from strata.kafka import bootstrap_of, existing_end_offsets, start_client, start_reader
 from strata.keystore import Keyring
 
 log = structlog.get_logger(__name__)
@@ -156,14 +156,7 @@ async def read_dead_letters(
         UsageError: the dead-letter topic does not exist.
     """
     await existing_end_offsets(settings, settings.dlq_topic, timeout_s=timeout_s)
-    bootstrap = bootstrap_of(settings)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
-    await start_client(consumer, bootstrap, timeout_s)
+    consumer = await start_reader(settings, timeout_s)
     letters: dict[bytes, DeadLetter] = {}
     try:
         tp = TopicPartition(settings.dlq_topic, 0)

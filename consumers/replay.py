@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from producers.producer import producer_options
 from strata.config import Settings
 from strata.errors import BrokerError
-from strata.kafka import bootstrap_of, end_offsets, start_client
+from strata.kafka import end_offsets, start_client, start_reader
 
 log = structlog.get_logger(__name__)
 
@@ -184,17 +184,12 @@ class BoundedReplay:
         handle: BatchHandler,
         began: float,
     ) -> None:
-        bootstrap = bootstrap_of(self.settings)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
+        consumer = await start_reader(
+            self.settings,
+            self._start_timeout_s,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
-        await start_client(consumer, bootstrap, self._start_timeout_s)
         try:
             tps = {p: TopicPartition(self.topic, p) for p in pending}
             consumer.assign(list(tps.values()))

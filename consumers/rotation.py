@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from consumers.replay import BoundedReplay, JobJournal, ReplayProgress
 from producers.batching import Batcher
@@ -65,7 +65,7 @@ from strata.errors import (
     StoreError,
     UsageError,
 )
-from strata.kafka import bootstrap_of, end_offsets, start_client
+from strata.kafka import bootstrap_of, end_offsets, start_client, start_reader
 from strata.keystore import ACTIVE, Keyring
 from strata.paths import StorePaths
 
@@ -114,14 +114,7 @@ async def read_rotation_jobs(
     ends = await end_offsets(settings, [settings.jobs_topic], timeout_s=timeout_s)
     if not any(ends.values()):
         return jobs
-    bootstrap = bootstrap_of(settings)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
-    await start_client(consumer, bootstrap, timeout_s)
+    consumer = await start_reader(settings, timeout_s)
     try:
         tps = sorted(ends, key=lambda tp: tp.partition)
         consumer.assign(tps)

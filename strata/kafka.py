@@ -10,6 +10,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -143,18 +144,35 @@ async def start_client(client: object, bootstrap: str, timeout_s: float) -> None
         ) from exc
 
 
+async def start_reader(
+    settings: Settings, timeout_s: float = 30.0, **options: Any
+) -> AIOKafkaConsumer:
+    """A started consumer outside any group that reads committed records
+    from the earliest offset; the caller assigns its partitions and stops it.
+
+    Raises:
+        BrokerError: the broker cannot be reached within ``timeout_s``.
+    """
+    bootstrap = bootstrap_of(settings)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        **options,
+    )
+    await start_client(consumer, bootstrap, timeout_s)
+    return consumer
+
+
 async def end_offsets(
     settings: Settings, topics: Iterable[str], *, timeout_s: float = 30.0
 ) -> dict[TopicPartition, int]:
     """The end offset of every partition of the given topics."""
-    bootstrap = bootstrap_of(settings)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        request_timeout_ms=int(timeout_s * 1000),
+    consumer = await start_reader(
+        settings, timeout_s, request_timeout_ms=int(timeout_s * 1000)
     )
-    await start_client(consumer, bootstrap, timeout_s)
     try:
         tps = [
             TopicPartition(topic, p)

@@ -210,22 +210,22 @@ class TierCollector:
         if self._l1 is not None:
             records = {**records, "l1": len(self._l1)}
             sizes = {**sizes, "l1": self._l1.bytes}
-        family = GaugeMetricFamily(
-            "strata_tier_records",
-            "Live records per tier (l2, l3: the tier that serves them)",
-            labels=["tier"],
-        )
-        for tier, count in sorted(records.items()):
-            family.add_metric([tier], float(count))
-        yield family
-        family = GaugeMetricFamily(
-            "strata_tier_bytes",
-            "Bytes per tier: L1 in memory, L2 and L3 on disk",
-            labels=["tier"],
-        )
-        for tier, size in sorted(sizes.items()):
-            family.add_metric([tier], float(size))
-        yield family
+        for name, text, values in (
+            (
+                "strata_tier_records",
+                "Live records per tier (l2, l3: the tier that serves them)",
+                records,
+            ),
+            (
+                "strata_tier_bytes",
+                "Bytes per tier: L1 in memory, L2 and L3 on disk",
+                sizes,
+            ),
+        ):
+            family = GaugeMetricFamily(name, text, labels=["tier"])
+            for tier, value in sorted(values.items()):
+                family.add_metric([tier], float(value))
+            yield family
         yield GaugeMetricFamily(
             "strata_l3_dead_bytes",
             "L3 bytes of frames no record points to, until compaction",

@@ -19,6 +19,9 @@ keys_app = typer.Typer(
 kms_app = typer.Typer(no_args_is_help=True, help="A local Vault-transit-like KMS.")
 
 TenantOpt = Annotated[str | None, typer.Option("--tenant", help="Only this tenant.")]
+WaitOpt = Annotated[
+    float, typer.Option(min=0, help="Seconds to wait for stores to catch up.")
+]
 
 
 def _keyring() -> Any:
@@ -143,9 +146,7 @@ def keys_verify_cmd(
     limit: Annotated[
         int, typer.Option(min=0, help="List at most this many records.")
     ] = 100,
-    wait: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait for stores to catch up.")
-    ] = 10.0,
+    wait: WaitOpt = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Prove no live record needs a non-primary key version; exit 1 if some do."""
@@ -181,9 +182,7 @@ def keys_retire_cmd(
     version: Annotated[
         int | None, typer.Option("--version", min=1, help="Only this version.")
     ] = None,
-    wait: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait for stores to catch up.")
-    ] = 10.0,
+    wait: WaitOpt = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Destroy old key versions that `keys verify` cleared; exit 1 if any is refused."""
