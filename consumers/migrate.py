@@ -23,7 +23,6 @@ Versions of L2 sit side by side in ``l2/`` and the pointer file
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import sqlite3
 import time
@@ -635,10 +634,7 @@ async def run_migration(
                     settings, report, cutover, force, wait_live_s, lock_timeout_s, stage
                 )
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                await journal.record(
-                    "failed", error_class=type(exc).__name__, error=str(exc)
-                )
+            await journal.record_failure(exc)
             raise
         report.live_version = StorePaths(settings.data_dir).l2_live_version
         await journal.record("completed", **report.to_dict())

@@ -328,3 +328,22 @@ class JobJournal:
             key=self.job_id.encode(),
         )
         log.info("job.recorded", job_id=self.job_id, kind=self.kind, state=state)
+
+    async def record_failure(self, error: BaseException) -> None:
+        """Record that the job failed with ``error``, which the caller raises.
+
+        A journal that cannot be written then is reported, not raised: the
+        job's own error is the one the caller needs.
+        """
+        try:
+            await self.record(
+                "failed", error_class=type(error).__name__, error=str(error)
+            )
+        except Exception as exc:  # noqa: BLE001 - the job's own error matters more
+            log.warning(
+                "job.failure_not_recorded",
+                job_id=self.job_id,
+                kind=self.kind,
+                error=f"{type(exc).__name__}: {exc}",
+                consequence="the jobs topic shows the job unfinished; a rerun resumes it",
+            )

@@ -296,7 +296,7 @@ class RotationJob:
                 try:
                     await self._run(job, journal, report, resumed)
                 except Exception as exc:
-                    await _record_failure(journal, exc)
+                    await journal.record_failure(exc)
                     raise
         report.seconds = time.monotonic() - began
         log.info("rotation.completed", job_id=job.job_id, **asdict(report.counts))
@@ -647,17 +647,6 @@ def _unfinished_for(jobs: dict[str, JobRecord], tenants: list[str]) -> JobRecord
         if not job.finished and set(job.versions) & set(tenants):
             return job
     return None
-
-
-async def _record_failure(journal: JobJournal, exc: Exception) -> None:
-    try:
-        await journal.record("failed", error_class=type(exc).__name__, error=str(exc))
-    except Exception as record_exc:  # noqa: BLE001 - the job's own error matters more
-        log.warning(
-            "rotation.failure_not_recorded",
-            error=str(record_exc),
-            consequence="the jobs topic shows the job as unfinished; rerun resumes it",
-        )
 
 
 @contextlib.contextmanager

@@ -700,7 +700,7 @@ class Backfill:
                 report.seconds = time.monotonic() - began
                 self._finish(report, state)
             except Exception as exc:
-                await _record_failure(journal, exc)
+                await journal.record_failure(exc)
                 raise
             await journal.record(
                 "completed",
@@ -976,18 +976,6 @@ class Backfill:
                     self._on_progress(BackfillProgress("verify", done, len(published)))
         finally:
             reader.close()
-
-
-async def _record_failure(journal: JobJournal, exc: Exception) -> None:
-    try:
-        await journal.record("failed", error_class=type(exc).__name__, error=str(exc))
-    except Exception as journal_exc:  # noqa: BLE001 - the job's own error matters more
-        log.warning(
-            "backfill.failure_not_journaled",
-            job_id=journal.job_id,
-            error=str(journal_exc),
-            consequence="the jobs topic lacks this run's failed record",
-        )
 
 
 def _first_rows(
