@@ -205,8 +205,13 @@ async def existing_end_offsets(
     """
     ends = await end_offsets(settings, [topic], timeout_s=timeout_s)
     if not ends:
-        raise UsageError(
-            f"topic {topic} does not exist on {bootstrap_of(settings)}: "
-            "run `strata topics ensure`"
-        )
+        raise missing_topic(settings, topic)
     return ends
+
+
+def missing_topic(settings: Settings, topic: str) -> UsageError:
+    """The error for a topic the broker does not have."""
+    return UsageError(
+        f"topic {topic} does not exist on {bootstrap_of(settings)}: check "
+        "STRATA_TOPIC_PREFIX, or run `strata topics ensure`"
+    )

@@ -13,8 +13,7 @@ from projections.l2 import L2Reader
 from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
-from strata.errors import UsageError
-from strata.kafka import bootstrap_of, end_offsets
+from strata.kafka import end_offsets, missing_topic
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
@@ -30,10 +29,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     ends = await end_offsets(settings, [settings.memory_topic, settings.dlq_topic])
     if not any(tp.topic == settings.memory_topic for tp in ends):
         # An empty table with no lag would read as "all caught up".
-        raise UsageError(
-            f"topic {settings.memory_topic} does not exist on {bootstrap_of(settings)}: "
-            "check STRATA_TOPIC_PREFIX, or run `strata topics ensure`"
-        )
+        raise missing_topic(settings, settings.memory_topic)
     l2 = L2Reader(paths.l2_db)
     l2_ckpts = l2.checkpoints()
     l2.close()
