@@ -131,11 +131,6 @@ def associated_data(tenant: str, key: str, event_id: str) -> bytes:
 _U32 = struct.Struct(">I").pack
 
 
-def content_hash(data_key: DataKey, plaintext: bytes) -> bytes:
-    """HMAC-SHA256 of the plaintext under the data key's derived MAC key."""
-    return data_key.content_hash(plaintext)
-
-
 def seal(
     data_key: DataKey, plaintext: bytes, *, tenant: str, key: str, event_id: str
 ) -> Sealed:
