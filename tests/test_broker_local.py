@@ -27,6 +27,7 @@ from strata.broker import (
     broker_up,
     ensure_jars,
     jar_cache_dir,
+    local,
     recorded_bootstrap,
 )
 from strata.errors import BrokerError, ConfigError
@@ -251,3 +252,23 @@ def test_a_start_timeout_kills_the_jvm(tmp_path: Path) -> None:
         broker_up(tmp_path, timeout_s=0.5)
     assert broker_status(tmp_path) == (None, False)
     assert _processes_using(tmp_path.resolve() / "broker" / "server.properties") == []
+
+
+def test_new_cluster_ids_never_start_like_an_option() -> None:
+    """Kafka's tools read an id starting with '-' as a flag (1 in 64 draws)."""
+    assert not any(local._new_cluster_id().startswith("-") for _ in range(5000))
+
+
+@pytest.mark.broker
+def test_a_cluster_id_starting_with_a_dash_still_formats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id kept from an earlier run may start with '-': storage still formats."""
+    monkeypatch.setattr(local, "_new_cluster_id", lambda: "-q4BuMJhX51BGS329hWNRQ")
+    info, started = broker_up(tmp_path / "dash", timeout_s=90)
+    try:
+        assert started
+        recorded = json.loads((info.data_dir / "broker.json").read_text())
+        assert recorded["cluster_id"] == "-q4BuMJhX51BGS329hWNRQ"
+    finally:
+        broker_down(tmp_path / "dash")

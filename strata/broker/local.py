@@ -533,8 +533,8 @@ def _format_storage(
         f"{jars}/*",
         "kafka.tools.StorageTool",
         "format",
-        "-t",
-        cluster_id,
+        # One argument: an id kept from an earlier run may start with '-'.
+        f"--cluster-id={cluster_id}",
         "-c",
         str(props),
         # Accept an already formatted directory: that is how data survives.
@@ -620,7 +620,17 @@ def _stored_cluster_id(log_dir: Path) -> str | None:
 
 
 def _new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+    """A random cluster id in Kafka's form (URL-safe base64 of 16 bytes).
+
+    Like Kafka's own ids, never one that starts with '-', which command-line
+    tools would read as an option.
+    """
+    while True:
+        cluster_id = (
+            base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        )
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 # ------------------------------------------------------------------------- ports
