@@ -15,6 +15,7 @@ and carries on when the fault clears.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,14 @@ T = TypeVar("T")
 COMMIT_INTERVAL_S = 1.0
 #: How often L2's write-ahead log is copied into its database in the background.
 WAL_CHECKPOINT_INTERVAL_S = 1.0
+#: The most events applied to L2 and still waiting for the followers before
+#: the worker stops polling until they catch up.
+FOLLOWER_BACKLOG = 8000
+#: Follower rounds start at most this often. Under load a round takes longer
+#: than this anyway; at a trickle, waiting lets a round carry many polls
+#: instead of paying every follower's syncs for each one. Reads wait on L2
+#: alone, so this delays commits, never readability.
+FOLLOWER_INTERVAL_S = 0.05
 
 
 @dataclass(eq=False)
@@ -65,9 +74,18 @@ class _Batch:
     messages: Sequence[ConsumerRecord]
     envelopes: list[Envelope]
     next_offset: int
+    #: When its poll began to be applied (``time.perf_counter``).
+    started: float
     outcomes: list[Outcome | None] = field(default_factory=list)
     #: Entries each follower made.
     used: dict[str, int] = field(default_factory=dict)
+
+    def extend(self, later: _Batch) -> None:
+        """Append the next poll's records of the same partition."""
+        self.messages = [*self.messages, *later.messages]
+        self.envelopes += later.envelopes
+        self.outcomes += later.outcomes
+        self.next_offset = later.next_offset
 
 
 @dataclass
@@ -126,6 +144,12 @@ class Worker:
         self._lock = asyncio.Lock()
         self._uncommitted: set[TopicPartition] = set()
         self._following: asyncio.Future[None] | None = None
+        #: Applied to L2, waiting for the followers: one batch per partition.
+        self._queued: dict[TopicPartition, _Batch] = {}
+        self._queued_events = 0
+        self._round_at = 0.0
+        #: Set while something waits for the queue to empty: no round waits.
+        self._hurry = asyncio.Event()
         self._committed_at = time.monotonic()
         self._owned: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
@@ -341,14 +365,19 @@ class Worker:
     async def _process(
         self, polled: Sequence[tuple[TopicPartition, Sequence[ConsumerRecord]]]
     ) -> None:
-        """Apply one poll: L2 for every partition in one transaction, then start
-        the followers, each partition of each follower concurrently.
+        """Apply one poll to L2, every partition in one transaction, and queue
+        it for the followers.
 
         L2 goes first and alone because readers wait on its checkpoint: a
         write is readable after one sync, whatever the followers cost. The
-        followers of this poll run while the next poll is fetched and applied
-        to L2; they finish before the next poll's followers start, before a
-        revoke releases partitions and before any commit covers them.
+        followers work through the queue in rounds, each partition of each
+        follower concurrently, while the worker keeps polling and applying to
+        L2; a round takes everything queued, so a follower's fixed cost per
+        batch (its syncs) is paid once for all the polls that arrived during
+        the round before. Positions move, and commits cover records, only
+        once every follower has them; a revoke and a stop wait for the queue
+        to empty, and past :data:`FOLLOWER_BACKLOG` events the worker waits
+        for it before polling again.
         """
         if not polled:
             return
@@ -356,7 +385,9 @@ class Worker:
         batches: list[_Batch] = []
         for tp, messages in polled:
             envelopes = await self._decode(tp, messages)
-            batches.append(_Batch(tp, messages, envelopes, messages[-1].offset + 1))
+            batches.append(
+                _Batch(tp, messages, envelopes, messages[-1].offset + 1, started)
+            )
         assert self.l2 is not None
         l2 = self.l2
 
@@ -370,31 +401,54 @@ class Worker:
         self.metrics.apply_latency.labels("l2").observe(time.perf_counter() - began)
         for batch, batch_outcomes in zip(batches, outcomes, strict=True):
             batch.outcomes = batch_outcomes
-        await self._drain_followers()
-        self._following = asyncio.ensure_future(self._follow_all(batches, started))
+            queued = self._queued.get(batch.tp)
+            if queued is None:
+                self._queued[batch.tp] = batch
+            else:
+                queued.extend(batch)
+            self._queued_events += len(batch.messages)
+        if self._following is None or self._following.done():
+            self._raise_follower_failure()
+            self._following = asyncio.ensure_future(self._follow_queued())
+        if self._queued_events >= FOLLOWER_BACKLOG:
+            await self._drain_followers()
 
-    async def _follow_all(self, batches: list[_Batch], started: float) -> None:
-        results = await asyncio.gather(
-            *(
-                self._follow(follower, batch)
-                for follower in self.followers
-                for batch in batches
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        for batch in batches:
-            self._finish(batch, started)
+    async def _follow_queued(self) -> None:
+        """Run the followers over the queue, a round at a time, until it is empty."""
+        while self._queued:
+            wait = self._round_at + FOLLOWER_INTERVAL_S - time.monotonic()
+            if wait > 0 and self._queued_events < FOLLOWER_BACKLOG // 2:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), wait)
+            self._round_at = time.monotonic()
+            batches = list(self._queued.values())
+            self._queued.clear()
+            self._queued_events = 0
+            results = await asyncio.gather(
+                *(
+                    self._follow(follower, batch)
+                    for follower in self.followers
+                    for batch in batches
+                ),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            for batch in batches:
+                self._finish(batch)
 
     async def _drain_followers(self, *, raise_failure: bool = True) -> None:
-        """Wait for the followers of the last poll and raise what stopped them,
-        or, with ``raise_failure`` False, leave it for the loop to raise."""
+        """Wait for the followers to empty the queue and raise what stopped
+        them, or, with ``raise_failure`` False, leave it for the loop to raise."""
         following = self._following
         if following is None:
             return
-        await asyncio.wait({following})
+        self._hurry.set()
+        try:
+            await asyncio.wait({following})
+        finally:
+            self._hurry.clear()
         if following.cancelled() or following.exception() is None:
             self._following = None
         elif raise_failure:
@@ -418,7 +472,7 @@ class Worker:
             time.perf_counter() - began
         )
 
-    def _finish(self, batch: _Batch, started: float) -> None:
+    def _finish(self, batch: _Batch) -> None:
         tp, partition, outcomes = batch.tp, batch.tp.partition, batch.outcomes
         self._update_l1(batch.envelopes, outcomes)
         self._positions[tp] = batch.next_offset
@@ -434,7 +488,7 @@ class Worker:
         self.metrics.events_applied.labels("l2", str(partition)).inc(applied)
         for name, count in batch.used.items():
             self.metrics.events_applied.labels(name, str(partition)).inc(count)
-        self.metrics.batch_latency.observe(time.perf_counter() - started)
+        self.metrics.batch_latency.observe(time.perf_counter() - batch.started)
         log.debug(
             "worker.batch_applied",
             topic=tp.topic,
