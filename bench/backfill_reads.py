@@ -11,9 +11,9 @@ issue's 1,000,000-record store is scaled down; the label gives the size),
 about half moved to L3 by :class:`producers.tiering.TieringJob` with a clock
 400 days ahead; then p50 and p99 of ``Reader.get`` served by L1 (a pre-filled
 cache), L2 (no cache) and L3; and write-to-readable: a ``strata worker``
-process running while ``MemoryProducer.write`` publishes a steady 1,000
-events/s, one untimed second to warm up then 5 s, each write timed until
-``Reader.get_after`` returns.
+process running while another process (:mod:`bench.w2r_writer`) publishes a
+steady 1,000 events/s with ``MemoryProducer.write``, one untimed second to
+warm up then 5 s, each write timed until ``Reader.get_after`` returns.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,12 +35,11 @@ from bench.registry import Measurement, ratio, stage, target
 from bench.workerproc import strata_command, worker_env
 from consumers.worker import Worker
 from producers.backfill import run_backfill
-from producers.producer import MemoryProducer
 from producers.tiering import TieringJob, wall_clock_ms
 from projections.l1 import L1Cache
 from projections.reader import Reader
 from strata.config import Settings
-from strata.keystore import Keyring, open_keystore
+from strata.keystore import open_keystore
 from strata.paths import StorePaths
 
 READS = 2000
@@ -117,12 +117,11 @@ def _time_reads(reader: Reader, keys: list[tuple[str, str]], tier: str) -> list[
     return out
 
 
-async def _write_to_readable(
-    settings: Settings, keystore: Keyring, paths: StorePaths, group: str
-) -> list[float]:
-    # The worker runs as its own process, as it does in service: in a thread
-    # of this one it would share the interpreter with the 1,000 writer tasks.
-    # It has caught up with the store before it starts.
+async def _write_to_readable(settings: Settings, group: str) -> list[float]:
+    # The worker and the writer each run as their own process, as they do
+    # in service: in this one they would share the interpreter, and the
+    # writer would carry the heap of the store built above. The worker has
+    # caught up with the store before it starts.
     errors = settings.data_dir / "w2r-worker.stderr"
     with errors.open("wb") as err:
         child = subprocess.Popen(
@@ -131,41 +130,33 @@ async def _write_to_readable(
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    reader = Reader.from_paths(paths, keystore, l1=None, track_reads=False)
-    latencies: list[float] = []
     try:
-        async with MemoryProducer(settings, keystore) as producer:
-
-            async def one(i: int, timed: bool) -> None:
-                tenant, key = f"tenant-{i % 3:03d}", f"w2r/{i:06d}"
-                began = time.perf_counter()
-                token = await producer.write(tenant, key, b"v" * 1024, agent="bench")
-                await reader.get_after(tenant, key, token, timeout_s=60)
-                if timed:
-                    latencies.append((time.perf_counter() - began) * 1000)
-
-            async def steady(first: int, seconds: float, timed: bool) -> None:
-                pending = []
-                start = time.perf_counter()
-                for n in range(int(RATE * seconds)):
-                    delay = start + n / RATE - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    pending.append(asyncio.create_task(one(first + n, timed)))
-                await asyncio.gather(*pending)
-
-            # Untimed first second: every partition, connection and file warm.
-            await steady(0, WARMUP_SECONDS, timed=False)
-            await steady(int(RATE * WARMUP_SECONDS), SECONDS, timed=True)
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.w2r_writer",
+            str(RATE),
+            str(WARMUP_SECONDS),
+            str(SECONDS),
+            env=worker_env(settings),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err_text = await writer.communicate()
     finally:
-        reader.close()
         child.send_signal(signal.SIGTERM)
         returncode = await asyncio.to_thread(child.wait)
+    if writer.returncode != 0:
+        raise RuntimeError(
+            f"writer exited {writer.returncode}: "
+            f"{err_text.decode(errors='replace').strip()[-500:]}"
+        )
     if returncode != 0:
         raise RuntimeError(
             f"worker exited {returncode}: "
             f"{errors.read_text(errors='replace').strip()[-500:]}"
         )
+    latencies: list[float] = json.loads(out)
     return latencies
 
 
@@ -213,7 +204,7 @@ def reads(ctx: Context) -> list[Measurement]:
     }
     plain.close()
     cached.close()
-    w2r = asyncio.run(_write_to_readable(settings, keystore, paths, group))
+    w2r = asyncio.run(_write_to_readable(settings, group))
     ctx.extras.setdefault("reads", []).append(
         {"records": len(records), "l3": len(by_tier["l3"]), "demoted": demoted}
     )
