@@ -171,13 +171,14 @@ def read_tree_heads(directory: Path, partition: int) -> list[TreeHead]:
 def entry_line(seq: int, env: Envelope, outcome: Outcome, prev: str) -> bytes:
     """The canonical line of one entry: what ``json.dumps`` with compact
     separators and ASCII escapes gives, built directly because it runs once
-    per event."""
+    per event. The numbers are ints (the codec checked them), so they need no
+    format spec, which would cost a third of the call."""
     event = env.event
     return (
-        f'{{"seq":{seq:d},"partition":{env.partition:d},"offset":{env.offset:d},'
+        f'{{"seq":{seq},"partition":{env.partition},"offset":{env.offset},'
         f'"event_id":{_enc(event.event_id)},"tenant":{_enc(event.tenant)},'
         f'"key":{_enc(getattr(event, "key", ""))},"action":{_enc(outcome.action)},'
-        f'"version":{outcome.version:d},"time_ms":{event.time_ms:d},'
+        f'"version":{outcome.version},"time_ms":{event.time_ms},'
         f'"event_hash":"{env.event_hash.hex()}","prev":"{prev}"}}'
     ).encode()
 
