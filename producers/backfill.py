@@ -35,8 +35,13 @@ The job
        before the job's start, it was there already (skipped); found at or
        after it, this job published it earlier (migrated, to be verified);
        not found, it is published now.
-    4. The embedded worker projects the new events, then every migrated
-       record is read back, decrypted and compared with its source.
+    4. While step 3 publishes, a ``strata worker`` process (group
+       ``<prefix>.backfill``, output in ``jobs/backfill-<job>.worker.log``)
+       projects the new events on another core; it stops once L2 holds them
+       all, and never outlives the job (on Linux the kernel stops it if the
+       job is killed). If it cannot start or fails, the embedded worker
+       projects instead. Then every migrated record is read back, decrypted
+       and compared with its source.
 
     Counts therefore come from durable state alone: a job killed anywhere
     and rerun ends with the counts of a run that was never interrupted. Once
@@ -47,6 +52,7 @@ The job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -70,6 +76,7 @@ from consumers.worker import Worker
 from producers.producer import MemoryProducer
 from projections.l2 import HistoryRow, L2Reader, StoredRecord
 from projections.reader import Reader, WriteToken
+from strata.children import start_worker, stop_child
 from strata.config import Settings
 from strata.errors import StoreError, StrataError, UsageError
 from strata.kafka import end_offsets, ensure_topics
@@ -101,6 +108,8 @@ _NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?$")
 _IN_FLIGHT = 1000
 #: Records looked up in L2 together, and between progress updates.
 _CHUNK = 500
+#: How often the wait for the helper worker looks at L2's checkpoints.
+_HELPER_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,10 +701,18 @@ class Backfill:
             )
             try:
                 await self._timed(report, "catch-up", self._project("catch-up"))
-                published = await self._timed(
-                    report, "publish", self._scan_and_publish(report, starts)
-                )
-                await self._timed(report, "project", self._project("project"))
+                helper_log = self.paths.jobs / f"backfill-{report.job_id}.worker.log"
+                helper = await self._start_helper(helper_log)
+                try:
+                    published = await self._timed(
+                        report, "publish", self._scan_and_publish(report, starts)
+                    )
+                    await self._timed(
+                        report, "project", self._project_beside(helper, helper_log)
+                    )
+                finally:
+                    if helper is not None and helper.returncode is None:
+                        await stop_child(helper)
                 await self._timed(report, "verify", self._verify(report, published))
                 report.seconds = time.monotonic() - began
                 self._finish(report, state)
@@ -793,8 +810,9 @@ class Backfill:
 
     # -- phases ----------------------------------------------------------------
 
-    async def _project(self, phase: str) -> None:
-        """Run an embedded worker until L2 holds every event published so far.
+    async def _project(self, phase: str, *, every_projection: bool = False) -> None:
+        """Run an embedded worker until L2 holds every event published so far
+        (and, with ``every_projection``, until every projection does).
 
         The worker has a group of its own: live workers may run beside it, and
         each projection's checkpoint makes sure no event applies twice.
@@ -803,7 +821,7 @@ class Backfill:
         targets = {tp.partition: off for tp, off in ends.items()}
         first = self._l2_checkpoints()
         total = sum(max(0, off - first.get(p, 0)) for p, off in targets.items())
-        if total == 0:
+        if total == 0 and not every_projection:
             return
         worker = Worker(
             self.settings,
@@ -819,6 +837,64 @@ class Backfill:
         finally:
             watch.cancel()
         self._on_progress(BackfillProgress(phase, total, total))
+
+    async def _start_helper(self, log_path: Path) -> asyncio.subprocess.Process | None:
+        """Start a ``strata worker`` process to project while this one
+        publishes, so the two run on separate cores; None if it cannot start
+        (the embedded worker then does all the projecting)."""
+        try:
+            return await start_worker(
+                self.settings,
+                group=f"{self.settings.topic_prefix}.backfill",
+                log_path=log_path,
+            )
+        except OSError as exc:
+            log.warning(
+                "backfill.helper_not_started",
+                error=str(exc),
+                consequence="projection starts after publishing, in this process",
+            )
+            return None
+
+    async def _project_beside(
+        self, helper: asyncio.subprocess.Process | None, log_path: Path
+    ) -> None:
+        """Let the helper finish projecting what was published, then stop it;
+        if there is none, or it failed, project here instead."""
+        if helper is not None:
+            await self._projected_by(helper, "project")
+            code = await stop_child(helper)
+            if code == 0:
+                # Stopped cleanly: its followers were drained as well.
+                await self._project("project")
+                return
+            log.warning(
+                "backfill.helper_failed",
+                exit_status=code,
+                log=str(log_path),
+                consequence="projecting what it left in this process",
+            )
+        await self._project("project", every_projection=True)
+
+    async def _projected_by(
+        self, helper: asyncio.subprocess.Process, phase: str
+    ) -> None:
+        """Wait until L2 holds every event on the topic now, or the helper ends."""
+        ends = await end_offsets(self.settings, [self.settings.memory_topic])
+        targets = {tp.partition: off for tp, off in ends.items()}
+        first = self._l2_checkpoints()
+        total = sum(max(0, off - first.get(p, 0)) for p, off in targets.items())
+        while helper.returncode is None:
+            now = self._l2_checkpoints()
+            done = sum(
+                max(0, min(now.get(p, 0), off) - first.get(p, 0))
+                for p, off in targets.items()
+            )
+            self._on_progress(BackfillProgress(phase, done, total))
+            if done >= total:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(helper.wait(), _HELPER_POLL_S)
 
     def _l2_checkpoints(self) -> dict[int, int]:
         reader = L2Reader(self.paths.l2_db)

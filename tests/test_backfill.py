@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -267,8 +268,15 @@ async def test_killed_backfill_resumes_to_the_same_counts(
             await asyncio.sleep(0.05)
             offsets = await end_offsets(topics, [topics.memory_topic])
             published = sum(offsets.values())
+        helpers = psutil.Process(proc.pid).children()
+        assert [" ".join(h.cmdline()[-4:]) for h in helpers] == [
+            f"strata worker --group {topics.topic_prefix}.backfill"
+        ]
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
+        # The projecting helper does not outlive the job.
+        _, alive = psutil.wait_procs(helpers, timeout=30)
+        assert alive == []
     finally:
         if proc.poll() is None:
             proc.kill()

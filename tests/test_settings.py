@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from consumers.replay import JobJournal
+from strata.children import settings_environment
 from strata.config import load_settings
 
 
@@ -38,3 +40,34 @@ async def test_a_job_failure_the_journal_cannot_record_is_reported_not_raised(
     assert reported[0]["log_level"] == "warning"
     assert reported[0]["job_id"] == "j-1"
     assert "start() was not awaited" in reported[0]["error"]
+
+
+def test_a_child_process_reads_exactly_the_settings_it_was_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every setting, the secret and the JSON policy included, survives the
+    trip through a child's environment; stray STRATA_ variables do not."""
+    monkeypatch.setenv("STRATA_TOPIC_PREFIX", "from-the-parent-environment")
+    given = load_settings(
+        kafka_bootstrap="127.0.0.1:19092",
+        data_dir=tmp_path,
+        topic_prefix="child-1",
+        partitions=3,
+        master_key_file=tmp_path / "m.key",
+        kms_token="s3cret-token",
+        sqlite_synchronous="normal",
+        tier_policy={"legal": {"after_age_s": 86400, "after_idle_s": None}},
+        ledger_checkpoint_entries=17,
+    )
+    env = settings_environment(given)
+    assert env["STRATA_TOPIC_PREFIX"] == "child-1"
+    assert "STRATA_KMS_URL" not in env  # unset stays unset
+    for name in [k for k in os.environ if k.startswith("STRATA_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("STRATA_"):
+            monkeypatch.setenv(name, value)
+    read = load_settings()
+    assert read == given
+    assert read.kms_token is not None
+    assert read.kms_token.get_secret_value() == "s3cret-token"
