@@ -6,8 +6,9 @@
 its ``records_per_s`` against the in-process worker projecting ``--events``
 synthetic events in the same run (issue 6: ratio >= 0.5).
 
-``reads``: a store of ``--events`` events over ``--events`` keys (the
-issue's 1,000,000-record store is scaled down; the label gives the size),
+``reads``: a store of ``--events`` records, one event each (the issue's
+1,000,000-record store unless ``--events`` scales it down; the label gives
+the size),
 about half moved to L3 by :class:`producers.tiering.TieringJob` with a clock
 400 days ahead; then p50 and p99 of ``Reader.get`` served by L1 (a pre-filled
 cache), L2 (no cache) and L3; and write-to-readable: a ``strata worker``
@@ -25,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from bench.context import Context
@@ -164,14 +164,15 @@ async def _write_to_readable(settings: Settings, group: str) -> list[float]:
 def reads(ctx: Context) -> list[Measurement]:
     """Build a store, tier half of it to L3, time reads per tier and read-your-write."""
     count = ctx.workload.events
-    workload = replace(ctx.workload, keys=max(1, count // ctx.workload.tenants))
     data_dir = ctx.fresh_data_dir("reads")
     group = ctx.fresh_name("reads-workers")
-    records = sorted({(s.tenant, s.key) for s in specs(workload, count)})
+    records = sorted(
+        {(s.tenant, s.key) for s in specs(ctx.workload, count, distinct=True)}
+    )
     settings = ctx.settings(
         ctx.fresh_name("reads"), data_dir, tier_max_moves=len(records) // 2
     )
-    asyncio.run(publish_dataset(settings, workload, count))
+    asyncio.run(publish_dataset(settings, ctx.workload, count, distinct=True))
     keystore = open_keystore(settings)
     asyncio.run(Worker(settings, group=group, until_caught_up=True).run())
     job = TieringJob(settings, clock=lambda: wall_clock_ms() + FUTURE_MS)

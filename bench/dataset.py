@@ -59,13 +59,23 @@ def keystore_of(settings: Settings) -> LocalKeystore:
     return LocalKeystore(StorePaths(settings.data_dir).keys, settings.master_key_path)
 
 
-def specs(workload: Workload, count: int, *, seed: int = 1) -> Iterator[Spec]:
-    """``count`` writes spread over the workload's tenants and keys; repeatable."""
+def specs(
+    workload: Workload, count: int, *, seed: int = 1, distinct: bool = False
+) -> Iterator[Spec]:
+    """``count`` writes spread over the workload's tenants and keys; repeatable.
+
+    With ``distinct`` every write is to a key of its own, so ``count`` writes
+    make ``count`` records.
+    """
     rng = random.Random(seed)
     for i in range(count):
         yield Spec(
             tenant=f"tenant-{i % workload.tenants:03d}",
-            key=f"bench/{rng.randrange(workload.keys):06d}",
+            key=(
+                f"bench/{i // workload.tenants:07d}"
+                if distinct
+                else f"bench/{rng.randrange(workload.keys):06d}"
+            ),
             cls=CLASSES[i % len(CLASSES)],
             payload=rng.randbytes(workload.size),
         )
@@ -111,9 +121,10 @@ async def raw_producer(settings: Settings) -> AIOKafkaProducer:
 
 
 async def publish_dataset(
-    settings: Settings, workload: Workload, count: int
+    settings: Settings, workload: Workload, count: int, *, distinct: bool = False
 ) -> Dataset:
-    """Create the topics of ``settings`` and publish ``count`` sealed events to them.
+    """Create the topics of ``settings`` and publish ``count`` sealed events to
+    them (``distinct``: each to a key of its own, see :func:`specs`).
 
     Raises:
         RuntimeError: the topic's end offsets do not add up to ``count``.
@@ -122,7 +133,7 @@ async def publish_dataset(
     sealer = MemoryProducer(settings, keystore_of(settings))
     producer = await raw_producer(settings)
     try:
-        messages = sealed_messages(sealer, specs(workload, count))
+        messages = sealed_messages(sealer, specs(workload, count, distinct=distinct))
         await send_all(producer, settings.memory_topic, messages)
     finally:
         await producer.stop()
