@@ -9,11 +9,30 @@ import sys
 import time
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
 from strata.kafka import end_offsets
 from strata.paths import StorePaths
+
+
+async def committed_offsets(settings: Settings, group: str) -> dict[int, int | None]:
+    """The Kafka offsets ``group`` committed on each memory partition (None: none)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        return {
+            p: await consumer.committed(TopicPartition(settings.memory_topic, p))
+            for p in range(settings.partitions)
+        }
+    finally:
+        await consumer.stop()
 
 
 def start_worker_process(

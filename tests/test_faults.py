@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumers.worker import Worker
@@ -27,7 +26,7 @@ from strata.config import Settings
 from strata.kafka import ensure_topics
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
-from tests.helpers import history_duplicates, wait_caught_up
+from tests.helpers import committed_offsets, history_duplicates, wait_caught_up
 
 
 @contextlib.contextmanager
@@ -59,22 +58,6 @@ def fill_disk(folder: Path) -> Path:
             while True:
                 out.write(chunk)
     return filler
-
-
-async def committed_offsets(settings: Settings, group: str) -> dict[int, int | None]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group,
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        return {
-            p: await consumer.committed(TopicPartition(settings.memory_topic, p))
-            for p in range(settings.partitions)
-        }
-    finally:
-        await consumer.stop()
 
 
 async def _write_many(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from consumers.worker import Worker
 from producers.producer import MemoryProducer
 from projections.base import Envelope, Outcome
@@ -14,6 +12,7 @@ from projections.l2 import L2Reader
 from strata.config import Settings
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
+from tests.helpers import committed_offsets
 
 EVENTS = 300
 WAVES = 3
@@ -52,20 +51,6 @@ class GatedFollower:
         return ""
 
 
-async def _committed(settings: Settings, group: str) -> dict[int, int | None]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group
-    )
-    await consumer.start()
-    try:
-        return {
-            p: await consumer.committed(TopicPartition(settings.memory_topic, p))
-            for p in range(settings.partitions)
-        }
-    finally:
-        await consumer.stop()
-
-
 async def test_l2_runs_ahead_of_a_stuck_follower_and_commits_wait_for_it(
     topics: Settings, keystore: LocalKeystore
 ) -> None:
@@ -88,7 +73,7 @@ async def test_l2_runs_ahead_of_a_stuck_follower_and_commits_wait_for_it(
         # Everything is readable from L2 while the follower has applied nothing.
         assert follower.applied == {}
         await asyncio.sleep(1.5)  # past the commit interval
-        assert set((await _committed(topics, group)).values()) <= {None, 0}
+        assert set((await committed_offsets(topics, group)).values()) <= {None, 0}
 
         follower.gate.set()
         async with asyncio.timeout(60):
@@ -113,7 +98,7 @@ async def test_l2_runs_ahead_of_a_stuck_follower_and_commits_wait_for_it(
         assert offsets == list(range(len(offsets)))
     assert sum(len(o) for o in follower.applied.values()) == EVENTS
     assert follower.calls <= 2 * topics.partitions
-    committed = await _committed(topics, group)
+    committed = await committed_offsets(topics, group)
     assert {p: c or 0 for p, c in committed.items()} == {
         p: len(follower.applied.get(p, [])) for p in range(topics.partitions)
     }
