@@ -52,6 +52,7 @@ from strata.kms import (
     load_or_create_master_key,
 )
 from strata.paths import StorePaths
+from strata.shapes import Fields, MapOf, shape_problem
 
 __all__ = [
     "ACTIVE",
@@ -73,6 +74,36 @@ RETIRED = "retired"
 DESTROYED = "destroyed"
 
 FORMAT = 2
+_OPTIONAL_INT = (int, type(None))
+_OPTIONAL_STR = (str, type(None))
+#: What ``keystore.json`` holds; anything else is refused as damaged.
+KEYSTORE_SHAPE = Fields(
+    {
+        "tenants": MapOf(
+            Fields(
+                {
+                    "key_id": str,
+                    "primary": int,
+                    "versions": MapOf(
+                        Fields(
+                            {"state": str, "created_ms": int},
+                            {
+                                "wrapped": str,
+                                "encryptions": int,
+                                "job_id": _OPTIONAL_STR,
+                                "cleared_ms": _OPTIONAL_INT,
+                                "retired_ms": int,
+                            },
+                        ),
+                        digit_keys=True,
+                    ),
+                },
+                {"erased": bool, "erasure": dict},
+            )
+        )
+    },
+    {"format": int},
+)
 #: First block of encryptions a process reserves per key version; it doubles
 #: up to the maximum, so short-lived processes waste little and busy ones
 #: rarely write the keystore.
@@ -195,7 +226,9 @@ class Keyring:
         self.rotate_after = rotate_after
         self.max_encryptions = max_encryptions
         self._state = StateFile(
-            directory / "keystore.json", lambda: {"format": FORMAT, "tenants": {}}
+            directory / "keystore.json",
+            lambda: {"format": FORMAT, "tenants": {}},
+            lambda doc: shape_problem(doc, KEYSTORE_SHAPE),
         )
         self._cache: dict[tuple[str, int], tuple[DataKey, float]] = {}
         # tenant -> (primary key, the document it came from, recheck deadline)

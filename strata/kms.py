@@ -49,10 +49,27 @@ from strata.errors import (
     KmsUnavailableError,
     StoreError,
 )
+from strata.shapes import Fields, MapOf, shape_problem
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+#: What the local KMS's ``kms.json`` holds; anything else is refused as damaged.
+_LOCAL_KMS_SHAPE = Fields(
+    {
+        "keys": MapOf(
+            Fields(
+                {
+                    "latest": int,
+                    "versions": MapOf(
+                        Fields({"wrapped": str}, {"created_ms": int}), digit_keys=True
+                    ),
+                }
+            )
+        )
+    }
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TOKEN_RE = re.compile(
@@ -117,12 +134,23 @@ class StateFile:
     temporary file (mode 0600), fsynced and renamed over the old one, so a
     reader sees the old document or the new one, never half of each. Readers
     reload only when the file's identity changes.
+
+    Args:
+        empty: the document of a file that does not exist yet.
+        check: what is wrong with a document read from the file (naming the
+            field), or None when its shape is right.
     """
 
-    def __init__(self, path: Path, empty: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        empty: Callable[[], dict[str, Any]],
+        check: Callable[[Any], str | None] | None = None,
+    ) -> None:
         self.path = path
         self._fspath = os.fspath(path)
         self._empty = empty
+        self._check = check
         self._lock_path = path.with_suffix(".lock")
         self._doc: dict[str, Any] = empty()
         self._stamp: tuple[int, int, int] | None = None
@@ -150,9 +178,13 @@ class StateFile:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             if stamp != self._stamp:
                 try:
-                    self._doc = json.loads(self.path.read_bytes())
+                    doc = json.loads(self.path.read_bytes())
                 except (OSError, ValueError) as exc:
                     raise StoreError(f"{self.path}: cannot be read: {exc}") from exc
+                problem = self._check(doc) if self._check is not None else None
+                if problem is not None:
+                    raise StoreError(f"{self.path}: damaged: {problem}")
+                self._doc = doc
                 self._stamp = stamp
             return self._doc
 
@@ -281,7 +313,11 @@ class LocalKms:
     def __init__(self, directory: Path, master_key_file: Path) -> None:
         self._master_key_file = master_key_file
         self._master: bytes | None = None
-        self._state = StateFile(directory / "kms.json", lambda: {"keys": {}})
+        self._state = StateFile(
+            directory / "kms.json",
+            lambda: {"keys": {}},
+            lambda doc: shape_problem(doc, _LOCAL_KMS_SHAPE),
+        )
 
     def __repr__(self) -> str:
         return f"LocalKms({str(self._state.path.parent)!r})"

@@ -14,7 +14,12 @@ import pytest
 
 from strata.config import load_settings
 from strata.crypto import associated_data, open_sealed, seal
-from strata.errors import DecryptionError, ErasedError, KeyUnavailableError
+from strata.errors import (
+    DecryptionError,
+    ErasedError,
+    KeyUnavailableError,
+    StoreError,
+)
 from strata.keystore import Keyring, LocalKeystore, open_keystore
 from strata.kms import LocalKms
 
@@ -254,3 +259,64 @@ def test_a_mistyped_master_key_path_is_refused_once_keys_exist(tmp_path: Path) -
             "acme", 1
         )
     assert not typo.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ([1], "the document: expected an object, got a list"),
+        ({"tenants": []}, "tenants: expected an object, got a list"),
+        (
+            {"tenants": {"acme": {"primary": 1, "versions": {}}}},
+            "tenants.acme.key_id: missing",
+        ),
+        (
+            {"tenants": {"acme": {"key_id": "k", "primary": "1", "versions": {}}}},
+            "tenants.acme.primary: expected an integer, got a string",
+        ),
+        (
+            {
+                "tenants": {
+                    "acme": {"key_id": "k", "primary": 1, "versions": {"v1": {}}}
+                }
+            },
+            "tenants.acme.versions: key 'v1' is not a version number",
+        ),
+        (
+            {
+                "tenants": {
+                    "acme": {
+                        "key_id": "k",
+                        "primary": 1,
+                        "versions": {"1": {"state": "active", "created_ms": True}},
+                    }
+                }
+            },
+            "tenants.acme.versions.1.created_ms: expected an integer, got true or false",
+        ),
+    ],
+)
+def test_a_damaged_keystore_is_refused_naming_the_file_and_field(
+    tmp_path: Path, damage: object, named: str
+) -> None:
+    _ring(tmp_path).primary("acme")
+    path = tmp_path / "keys" / "keystore.json"
+    path.write_text(json.dumps(damage))
+    fresh = _ring(tmp_path)
+    with pytest.raises(StoreError) as raised:
+        fresh.versions("acme")
+    assert str(raised.value) == f"{path}: damaged: {named}"
+
+
+def test_a_damaged_local_kms_file_is_refused_naming_the_field(tmp_path: Path) -> None:
+    _ring(tmp_path).primary("acme")
+    path = tmp_path / "keys" / "kms.json"
+    doc = json.loads(path.read_text())
+    name = next(iter(doc["keys"]))
+    doc["keys"][name]["versions"]["1"]["wrapped"] = 7
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError) as raised:
+        LocalKms(tmp_path / "keys", tmp_path / "keys" / "master.key").key_versions(name)
+    assert str(raised.value) == (
+        f"{path}: damaged: keys.{name}.versions.1.wrapped: expected a string, got an integer"
+    )
