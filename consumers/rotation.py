@@ -273,6 +273,10 @@ class RotationJob:
             job = _unfinished_for(jobs, wanted)
             resumed = job is not None
             if job is None:
+                # L2 must have caught up before anything changes: a rotation
+                # refused for want of a worker leaves every primary as it was.
+                ends = await end_offsets(self.settings, [self.settings.memory_topic])
+                await self._wait_for_l2({tp.partition: o for tp, o in ends.items()})
                 job = await self._plan(wanted, jobs)
             report = RotationReport(
                 job_id=job.job_id,
@@ -600,7 +604,8 @@ class RotationJob:
                     p, t = min(behind.items())
                     raise UsageError(
                         f"L2 has projected partition {p} to offset {done.get(p, 0)} of "
-                        f"{t}; run `strata worker` so the rotation sees every record"
+                        f"{t} after {self.l2_wait_s:g}s; run `strata worker` so the "
+                        "rotation sees every record, then run it again"
                     )
                 await asyncio.sleep(0.2)
         finally:

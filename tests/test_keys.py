@@ -37,7 +37,7 @@ from schemas.events import MemoryReencrypted
 from strata.config import Settings, load_settings
 from strata.crypto import open_sealed
 from strata.erasure import erase_tenant
-from strata.errors import ErasedError, KeyUnavailableError
+from strata.errors import ErasedError, KeyUnavailableError, UsageError
 from strata.kafka import end_offsets
 from strata.keystore import Keyring, key_id_for, open_keystore
 from strata.kms import KmsServer, LocalKms
@@ -543,6 +543,24 @@ async def test_a_version_made_by_a_run_that_never_started_is_adopted(
     assert rerun.versions == {"acme": 2}
     assert rerun.counts.reencrypted == 0
     assert rerun.counts.current == 9
+
+
+async def test_a_rotation_refused_for_want_of_a_worker_changes_no_key(
+    topics: Settings,
+) -> None:
+    """With L2 behind the topic the rotation stops before it makes a version,
+    so the primary stays what it was, and says what to run."""
+    keyring = open_keystore(topics)
+    await _write_corpus(topics, keyring, {"acme": 3})  # nothing projects them
+
+    with pytest.raises(UsageError, match=r"run `strata worker`.*then run it again"):
+        await RotationJob(topics, keyring, tenants=["acme"], l2_wait_s=0.3).run()
+    assert [(v.version, v.primary) for v in keyring.versions("acme")] == [(1, True)]
+
+    await _project(topics, keyring)
+    report = await RotationJob(topics, keyring, tenants=["acme"]).run()
+    assert not report.resumed  # the refused run left no job behind
+    assert report.versions == {"acme": 2}
 
 
 async def test_a_batch_published_but_not_recorded_is_not_published_again(
