@@ -56,9 +56,6 @@ T = TypeVar("T")
 COMMIT_INTERVAL_S = 1.0
 #: How often L2's write-ahead log is copied into its database in the background.
 WAL_CHECKPOINT_INTERVAL_S = 1.0
-#: The most events applied to L2 and still waiting for the followers before
-#: the worker stops polling until they catch up.
-FOLLOWER_BACKLOG = 8000
 #: Follower rounds start at most this often. Under load a round takes longer
 #: than this anyway; at a trickle, waiting lets a round carry many polls
 #: instead of paying every follower's syncs for each one. Reads wait on L2
@@ -150,6 +147,8 @@ class Worker:
         self._round_at = 0.0
         #: Set while something waits for the queue to empty: no round waits.
         self._hurry = asyncio.Event()
+        #: Set when a round takes the queue.
+        self._taken = asyncio.Event()
         self._committed_at = time.monotonic()
         self._owned: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
@@ -376,8 +375,9 @@ class Worker:
         batch (its syncs) is paid once for all the polls that arrived during
         the round before. Positions move, and commits cover records, only
         once every follower has them; a revoke and a stop wait for the queue
-        to empty, and past :data:`FOLLOWER_BACKLOG` events the worker waits
-        for it before polling again.
+        to empty. Memory stays bounded: once a poll's worth (``max_batch``)
+        is queued, the worker waits for a round to take it before polling
+        again.
         """
         if not polled:
             return
@@ -410,20 +410,26 @@ class Worker:
         if self._following is None or self._following.done():
             self._raise_follower_failure()
             self._following = asyncio.ensure_future(self._follow_queued())
-        if self._queued_events >= FOLLOWER_BACKLOG:
-            await self._drain_followers()
+        if self._queued_events >= self.max_batch:
+            self._taken.clear()
+            taken: asyncio.Future[Any] = asyncio.ensure_future(self._taken.wait())
+            following: asyncio.Future[Any] = self._following
+            await asyncio.wait({taken, following}, return_when=asyncio.FIRST_COMPLETED)
+            taken.cancel()
+            self._raise_follower_failure()
 
     async def _follow_queued(self) -> None:
         """Run the followers over the queue, a round at a time, until it is empty."""
         while self._queued:
             wait = self._round_at + FOLLOWER_INTERVAL_S - time.monotonic()
-            if wait > 0 and self._queued_events < FOLLOWER_BACKLOG // 2:
+            if wait > 0 and self._queued_events < self.max_batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._hurry.wait(), wait)
             self._round_at = time.monotonic()
             batches = list(self._queued.values())
             self._queued.clear()
             self._queued_events = 0
+            self._taken.set()
             results = await asyncio.gather(
                 *(
                     self._follow(follower, batch)
