@@ -1,7 +1,9 @@
 """Publish rate: raw aiokafka ``send`` against Strata's MemoryProducer, same settings.
 
-Three publishers, each on a fresh topic of the workload's partitions, in an
-order that rotates from run to run:
+Three publishers, each on a fresh topic of the workload's partitions, taking
+turns: each sends a tenth of the writes, then the next one does, in an order
+that rotates from run to run, so the machine's slow spells fall on all three
+alike. Producers start, and keys exist, before any clock starts.
 
 * ``aiokafka``: pre-sealed, pre-encoded values through a raw producer with
   Strata's producer options (idempotent, ``acks=all``, ``linger_ms=5``);
@@ -12,14 +14,16 @@ order that rotates from run to run:
   sealing.
 
 Plaintexts are generated before the clock starts; every publisher keeps at
-most :data:`~bench.dataset.IN_FLIGHT` sends unacknowledged.
+most :data:`~bench.dataset.IN_FLIGHT` sends unacknowledged and waits for all
+of a turn's acknowledgements before the next publisher's turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from bench.context import Context
@@ -39,6 +43,9 @@ from strata.config import Settings
 from strata.kafka import ensure_topics
 from strata.validation import check_agent, check_class, check_key, check_tenant
 
+#: How many turns each publisher takes.
+TURNS = 10
+
 _LABELS = {
     "aiokafka": "publish: raw aiokafka send (pre-encoded)",
     "strata": "publish: Strata MemoryProducer (seal+encode+send)",
@@ -48,107 +55,146 @@ _LABELS = {
 
 @stage("publish", "publish rate: raw aiokafka send vs MemoryProducer", order=10)
 def publish(ctx: Context) -> list[Measurement]:
-    """One run of each publisher, each on its own fresh topic."""
+    """The three publishers taking turns, a chunk each, on topics of their own."""
     writes = list(specs(ctx.workload, ctx.workload.events, seed=ctx.run + 1))
-    order = ["aiokafka", "strata", "plain"]
+    order = list(_PUBLISHERS)
     shift = ctx.run % len(order)
     order = order[shift:] + order[:shift]
-    out = []
-    for name in order:
-        prefix = ctx.fresh_name(f"pub-{name}")
-        settings = ctx.settings(prefix, ctx.fresh_data_dir(f"pub-{name}"))
-        seconds = asyncio.run(_PUBLISHERS[name](settings, writes))
-        out.append(
-            Measurement(
-                f"publish.{name}", len(writes) / seconds, "events/s", _LABELS[name]
-            )
+    settings = {
+        name: ctx.settings(
+            ctx.fresh_name(f"pub-{name}"), ctx.fresh_data_dir(f"pub-{name}")
         )
-    return out
+        for name in order
+    }
+    seconds = asyncio.run(_take_turns(order, settings, writes))
+    return [
+        Measurement(
+            f"publish.{name}", len(writes) / seconds[name], "events/s", _LABELS[name]
+        )
+        for name in order
+    ]
 
 
-async def _timed(
-    settings: Settings, send: Callable[[MemoryProducer], Awaitable[Any]]
-) -> float:
-    await ensure_topics(settings)
-    async with MemoryProducer(settings, keystore_of(settings)) as producer:
-        began = time.perf_counter()
-        await send(producer)
-        # Leaving the context flushes nothing more: every send was acknowledged.
-        return time.perf_counter() - began
+async def _take_turns(
+    order: list[str], settings: dict[str, Settings], writes: list[Spec]
+) -> dict[str, float]:
+    """Each publisher sends the writes in :data:`TURNS` chunks, in turn with the
+    others, so a slow spell of the machine falls on all of them alike;
+    returns the seconds each spent sending (and waiting for acknowledgements)."""
+    spent = dict.fromkeys(order, 0.0)
+    size = -(-len(writes) // TURNS)
+    async with contextlib.AsyncExitStack() as stack:
+        senders = {
+            name: await stack.enter_async_context(
+                _PUBLISHERS[name](settings[name], writes)
+            )
+            for name in order
+        }
+        for first in range(0, len(writes), size):
+            for name in order:
+                began = time.perf_counter()
+                await senders[name](first, min(first + size, len(writes)))
+                spent[name] += time.perf_counter() - began
+    return spent
 
 
-async def _aiokafka(settings: Settings, writes: list[Spec]) -> float:
+#: Sends writes ``[first, end)`` and waits for their acknowledgements.
+Send = Callable[[int, int], Awaitable[None]]
+
+
+async def _gather_each(
+    pending: list[asyncio.Future[Any]], future: asyncio.Future[Any]
+) -> None:
+    pending.append(future)
+    if len(pending) >= IN_FLIGHT:
+        await asyncio.gather(*pending)
+        pending.clear()
+
+
+@contextlib.asynccontextmanager
+async def _aiokafka(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
     await ensure_topics(settings)
     sealer = MemoryProducer(settings, keystore_of(settings))
     messages = list(sealed_messages(sealer, writes))
     producer = await raw_producer(settings)
+
+    async def send(first: int, end: int) -> None:
+        await send_all(producer, settings.memory_topic, messages[first:end])
+
     try:
-        began = time.perf_counter()
-        await send_all(producer, settings.memory_topic, messages)
-        return time.perf_counter() - began
+        yield send
     finally:
         await producer.stop()
 
 
-async def strata_publish(settings: Settings, writes: list[Spec]) -> float:
-    """Seal and publish every write through a MemoryProducer; return the seconds."""
-
-    async def send(producer: MemoryProducer) -> None:
-        pending: list[asyncio.Future[Any]] = []
-        for w in writes:
-            event = producer.seal_write(
-                w.tenant, w.key, w.payload, cls=w.cls, agent="bench"
-            )
-            pending.append(await producer.publish(event))
-            if len(pending) >= IN_FLIGHT:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-
-    # The tenants' keys exist before the clock starts, as they would in service.
+@contextlib.asynccontextmanager
+async def _strata(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    await ensure_topics(settings)
     keystore = keystore_of(settings)
+    # The tenants' keys exist before the clock starts, as they would in service.
     for tenant in {w.tenant for w in writes}:
         keystore.primary(tenant)
-    return await _timed(settings, send)
+    async with MemoryProducer(settings, keystore) as producer:
+
+        async def send(first: int, end: int) -> None:
+            pending: list[asyncio.Future[Any]] = []
+            for w in writes[first:end]:
+                event = producer.seal_write(
+                    w.tenant, w.key, w.payload, cls=w.cls, agent="bench"
+                )
+                await _gather_each(pending, await producer.publish(event))
+            await asyncio.gather(*pending)
+
+        yield send
 
 
-async def _plain(settings: Settings, writes: list[Spec]) -> float:
+async def strata_publish(settings: Settings, writes: list[Spec]) -> None:
+    """Seal and publish every write through a MemoryProducer (the topic, the
+    keys and the producer's start included)."""
+    async with _strata(settings, writes) as send:
+        await send(0, len(writes))
+
+
+@contextlib.asynccontextmanager
+async def _plain(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    await ensure_topics(settings)
     nonce = bytes(12)
     digest = bytes(32)
+    async with MemoryProducer(settings, keystore_of(settings)) as producer:
 
-    async def send(producer: MemoryProducer) -> None:
-        pending: list[asyncio.Future[Any]] = []
-        for w in writes:
-            # The checks seal_write makes, so that only sealing differs.
-            check_tenant(w.tenant)
-            check_key(w.key)
-            check_class(w.cls)
-            check_agent("bench")
-            event = MemoryWritten(
-                event_id=new_event_id(),
-                tenant=w.tenant,
-                key=w.key,
-                cls=w.cls,
-                agent="bench",
-                time_ms=now_ms(),
-                key_id="plain",
-                key_version=0,
-                nonce=nonce,
-                ciphertext=w.payload,
-                content_hash=digest,
-            )
-            pending.append(await producer.publish(event))
-            if len(pending) >= IN_FLIGHT:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
+        async def send(first: int, end: int) -> None:
+            pending: list[asyncio.Future[Any]] = []
+            for w in writes[first:end]:
+                # The checks seal_write makes, so that only sealing differs.
+                check_tenant(w.tenant)
+                check_key(w.key)
+                check_class(w.cls)
+                check_agent("bench")
+                event = MemoryWritten(
+                    event_id=new_event_id(),
+                    tenant=w.tenant,
+                    key=w.key,
+                    cls=w.cls,
+                    agent="bench",
+                    time_ms=now_ms(),
+                    key_id="plain",
+                    key_version=0,
+                    nonce=nonce,
+                    ciphertext=w.payload,
+                    content_hash=digest,
+                )
+                await _gather_each(pending, await producer.publish(event))
+            await asyncio.gather(*pending)
 
-    return await _timed(settings, send)
+        yield send
 
 
-_PUBLISHERS: dict[str, Callable[[Settings, list[Spec]], Awaitable[float]]] = {
+_PUBLISHERS: dict[
+    str,
+    Callable[[Settings, list[Spec]], contextlib.AbstractAsyncContextManager[Send]],
+] = {
     "aiokafka": _aiokafka,
-    "strata": strata_publish,
+    "strata": _strata,
     "plain": _plain,
 }
 
