@@ -885,16 +885,21 @@ class Backfill:
         first = self._l2_checkpoints()
         total = sum(max(0, off - first.get(p, 0)) for p, off in targets.items())
         while helper.returncode is None:
-            now = self._l2_checkpoints()
-            done = sum(
-                max(0, min(now.get(p, 0), off) - first.get(p, 0))
-                for p, off in targets.items()
-            )
+            done = self._projected_since(targets, first)
             self._on_progress(BackfillProgress(phase, done, total))
             if done >= total:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(helper.wait(), _HELPER_POLL_S)
+
+    def _projected_since(self, targets: dict[int, int], first: dict[int, int]) -> int:
+        """Events L2 has applied since its checkpoints were ``first``, up to
+        ``targets``."""
+        now = self._l2_checkpoints()
+        return sum(
+            max(0, min(now.get(p, 0), off) - first.get(p, 0))
+            for p, off in targets.items()
+        )
 
     def _l2_checkpoints(self) -> dict[int, int]:
         reader = L2Reader(self.paths.l2_db)
@@ -907,11 +912,7 @@ class Backfill:
         self, phase: str, targets: dict[int, int], first: dict[int, int], total: int
     ) -> None:
         while True:
-            now = self._l2_checkpoints()
-            done = sum(
-                max(0, min(now.get(p, 0), off) - first.get(p, 0))
-                for p, off in targets.items()
-            )
+            done = self._projected_since(targets, first)
             self._on_progress(BackfillProgress(phase, done, total))
             await asyncio.sleep(0.25)
 
