@@ -13,6 +13,7 @@ Jobs (backfills, migrations) record their lifecycle on the jobs topic with a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,9 +27,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from producers.producer import producer_options
 from strata.config import Settings
 from strata.errors import BrokerError
-from strata.kafka import end_offsets, start_client, start_reader
+from strata.kafka import bounded_close, end_offsets, start_client, start_reader
 
 log = structlog.get_logger(__name__)
+
+#: A job leaving on an error waits at most this long to journal it.
+JOURNAL_TIMEOUT_S = 5.0
 
 #: Applies one partition's records, then stores ``next_offset`` as its checkpoint.
 BatchHandler = Callable[[int, Sequence[ConsumerRecord], int], Awaitable[None]]
@@ -309,7 +313,15 @@ class JobJournal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        if exc is None:
+            await self.stop()
+            return
+        await bounded_close(
+            self.stop(),
+            step="flush the job journal",
+            seconds=JOURNAL_TIMEOUT_S,
+            consequence="the jobs topic may lack the job's last step",
+        )
 
     async def record(self, state: str, **fields: Any) -> None:
         """Publish one lifecycle step and wait for the broker's acknowledgement."""
@@ -336,14 +348,19 @@ class JobJournal:
         job's own error is the one the caller needs.
         """
         try:
-            await self.record(
-                "failed", error_class=type(error).__name__, error=str(error)
+            await asyncio.wait_for(
+                self.record(
+                    "failed", error_class=type(error).__name__, error=str(error)
+                ),
+                JOURNAL_TIMEOUT_S,
             )
         except Exception as exc:  # noqa: BLE001 - the job's own error matters more
             log.warning(
                 "job.failure_not_recorded",
                 job_id=self.job_id,
                 kind=self.kind,
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {exc}"
+                if str(exc)
+                else f"no acknowledgement within {JOURNAL_TIMEOUT_S:g}s",
                 consequence="the jobs topic shows the job unfinished; a rerun resumes it",
             )

@@ -40,7 +40,12 @@ from schemas.codec import Codec
 from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError, StoreError, StrataError
-from strata.kafka import bootstrap_of, existing_end_offsets, start_client
+from strata.kafka import (
+    bootstrap_of,
+    bounded_close,
+    existing_end_offsets,
+    start_client,
+)
 from strata.keystore import Keyring, open_keystore
 from strata.metrics import WorkerMetrics
 from strata.paths import StorePaths
@@ -61,6 +66,10 @@ WAL_CHECKPOINT_INTERVAL_S = 1.0
 #: instead of paying every follower's syncs for each one. Reads wait on L2
 #: alone, so this delays commits, never readability.
 FOLLOWER_INTERVAL_S = 0.05
+#: On stop, the final commit and leaving the group wait at most this long: a
+#: broker that is gone must not keep a stopping worker alive. Nothing is lost
+#: when they give up, as the next owner resumes from the checkpoints.
+CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -237,11 +246,11 @@ class Worker:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             # Revoke is not called on stop(): commit what is done first.
-            await self._commit(consumer, set(self._owned))
-            await consumer.stop()
-        if self._dlq is not None:
-            await self._dlq.stop()
-            self._dlq = None
+            await self._bounded("commit", self._commit(consumer, set(self._owned)))
+            await self._bounded("leave the group", consumer.stop())
+        dlq, self._dlq = self._dlq, None
+        if dlq is not None:
+            await self._bounded("close the dead-letter producer", dlq.stop())
         if self.l2 is not None:
             self.l2.close()
         for follower in self.followers:
@@ -250,6 +259,15 @@ class Worker:
                 close()
         self._remove_state()
         log.info("worker.stopped", **self.report.to_dict())
+
+    @staticmethod
+    async def _bounded(step: str, work: Coroutine[Any, Any, None]) -> None:
+        await bounded_close(
+            work,
+            step=step,
+            seconds=CLOSE_TIMEOUT_S,
+            consequence="the next start resumes from the projection checkpoints",
+        )
 
     async def _loop(self, targets: dict[int, int]) -> None:
         assert self._consumer is not None

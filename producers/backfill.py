@@ -70,6 +70,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import structlog
+from aiokafka.errors import KafkaError
 
 from consumers.replay import JobJournal
 from consumers.worker import Worker
@@ -78,8 +79,14 @@ from projections.l2 import HistoryRow, L2Reader, StoredRecord
 from projections.reader import Reader, WriteToken
 from strata.children import start_worker, stop_child
 from strata.config import Settings
-from strata.errors import StoreError, StrataError, UsageError
-from strata.kafka import end_offsets, ensure_topics
+from strata.errors import BrokerError, StoreError, StrataError, UsageError
+from strata.kafka import (
+    BrokerWatch,
+    bootstrap_of,
+    end_offsets,
+    ensure_topics,
+    pinned,
+)
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
 from strata.validation import check_class, check_key, check_tenant
@@ -606,6 +613,33 @@ class _Published:
         )
 
 
+class _Acks:
+    """Acknowledgements awaited in groups, bounding memory; a broker that stops
+    answering ends the wait with a :class:`BrokerError`."""
+
+    def __init__(self, watch: BrokerWatch) -> None:
+        self.watch = watch
+        self.pending: list[asyncio.Future[WriteToken]] = []
+
+    async def add(self, future: asyncio.Future[WriteToken]) -> None:
+        self.pending.append(future)
+        if len(self.pending) >= _IN_FLIGHT:
+            await self.wait()
+
+    async def wait(self) -> None:
+        """Wait for every pending acknowledgement; raise the first failure."""
+        waiting: set[asyncio.Future[WriteToken]] = set(self.pending)
+        self.pending.clear()
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, timeout=1.0)
+            for future in done:
+                future.result()
+            if done:
+                self.watch.moved()
+            else:
+                await self.watch.check()
+
+
 class Backfill:
     """Imports a legacy export as MemoryWritten events (see the module docstring).
 
@@ -681,6 +715,7 @@ class Backfill:
         """
         began = time.monotonic()
         self._check_input()
+        self.settings = pinned(self.settings)
         await ensure_topics(self.settings)
         state, resumed = await self._open_job()
         report = BackfillReport(state["job_id"], str(self.root), resumed=resumed)
@@ -829,13 +864,22 @@ class Backfill:
             keystore=self.keystore,
             until_caught_up=True,
         )
+        run = asyncio.create_task(worker.run(), name=f"backfill:{phase}")
         watch = asyncio.create_task(
             self._watch_projection(phase, targets, first, total)
         )
         try:
-            await worker.run()
+            await asyncio.wait({run, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                # It ends only by raising: the broker stopped answering.
+                worker.request_stop()
+                await asyncio.gather(run, return_exceptions=True)
+                watch.result()
+            await run
         finally:
             watch.cancel()
+            run.cancel()
+            await asyncio.gather(run, watch, return_exceptions=True)
         self._on_progress(BackfillProgress(phase, total, total))
 
     async def _start_helper(self, log_path: Path) -> asyncio.subprocess.Process | None:
@@ -884,11 +928,18 @@ class Backfill:
         targets = {tp.partition: off for tp, off in ends.items()}
         first = self._l2_checkpoints()
         total = sum(max(0, off - first.get(p, 0)) for p, off in targets.items())
+        watch = BrokerWatch(self.settings, "projecting the export")
+        last = -1
         while helper.returncode is None:
             done = self._projected_since(targets, first)
             self._on_progress(BackfillProgress(phase, done, total))
             if done >= total:
                 return
+            if done != last:
+                last = done
+                watch.moved()
+            else:
+                await watch.check()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(helper.wait(), _HELPER_POLL_S)
 
@@ -911,9 +962,16 @@ class Backfill:
     async def _watch_projection(
         self, phase: str, targets: dict[int, int], first: dict[int, int], total: int
     ) -> None:
+        watch = BrokerWatch(self.settings, "projecting the export")
+        last = -1
         while True:
             done = self._projected_since(targets, first)
             self._on_progress(BackfillProgress(phase, done, total))
+            if done != last:
+                last = done
+                watch.moved()
+            else:
+                await watch.check()
             await asyncio.sleep(0.25)
 
     async def _scan_and_publish(
@@ -928,7 +986,7 @@ class Backfill:
         total = export.count()
         seen: set[str] = set()
         published: list[_Published] = []
-        in_flight: list[asyncio.Future[WriteToken]] = []
+        acks = _Acks(BrokerWatch(self.settings, "publishing the export"))
         reader = L2Reader(self.paths.l2_db)
         began = time.monotonic()
         try:
@@ -949,15 +1007,20 @@ class Backfill:
                     if len(chunk) >= _CHUNK:
                         await self._publish_chunk(
                             producer, reader, chunk, starts, report, began,
-                            in_flight, published,
+                            acks, published,
                         )  # fmt: skip
                         chunk = []
                 await self._publish_chunk(
-                    producer, reader, chunk, starts, report, began, in_flight, published
+                    producer, reader, chunk, starts, report, began, acks, published
                 )
-                await asyncio.gather(*in_flight)
+                await acks.wait()
                 scanned = report.failed + report.skipped + len(published)
                 self._on_progress(BackfillProgress("publish", scanned, scanned))
+        except KafkaError as exc:
+            raise BrokerError(
+                f"publishing to Kafka at {bootstrap_of(self.settings)} failed: "
+                f"{type(exc).__name__}: {exc}; rerun to resume"
+            ) from exc
         finally:
             reader.close()
         return published
@@ -970,7 +1033,7 @@ class Backfill:
         starts: dict[int, int],
         report: BackfillReport,
         began: float,
-        in_flight: list[asyncio.Future[WriteToken]],
+        acks: _Acks,
         published: list[_Published],
     ) -> None:
         """Publish what L2 does not hold yet of a chunk, looked up in one go."""
@@ -986,10 +1049,7 @@ class Backfill:
                 future = await self._publish(producer, item, report, began)
                 if future is None:
                     continue
-                in_flight.append(future)
-                if len(in_flight) >= _IN_FLIGHT:
-                    await asyncio.gather(*in_flight)
-                    in_flight.clear()
+                await acks.add(future)
             published.append(_Published.of(item))
 
     async def _publish(

@@ -26,6 +26,7 @@ from strata.crypto import associated_data, seal_parts
 from strata.errors import UsageError
 from strata.kafka import (
     bootstrap_of,
+    bounded_close,
     existing_end_offsets,
     key_partition,
     message_limit,
@@ -45,6 +46,10 @@ def now_ms() -> int:
 #: (tenant, class, agent) triples remembered as valid, so a writer's
 #: repeated names are checked once.
 _CHECKED_NAMES = 4096
+#: Leaving on an error, pending messages get this long to be acknowledged:
+#: an idempotent aiokafka producer retries a batch for as long as the broker
+#: is away, and the error that ended the work should not wait on it forever.
+ABANDON_AFTER_S = 10.0
 
 
 def new_event_id() -> str:
@@ -151,7 +156,15 @@ class MemoryProducer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        if exc is None:
+            await self.stop()
+            return
+        await bounded_close(
+            self.stop(),
+            step="flush the producer",
+            seconds=ABANDON_AFTER_S,
+            consequence="messages not acknowledged so far may not be published",
+        )
 
     def seal_write(
         self,

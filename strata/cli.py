@@ -22,7 +22,7 @@ from strata.commands._common import run as _run
 from strata.commands._common import say as _say
 from strata.commands._common import settings as _settings
 from strata.config import Settings
-from strata.errors import StrataError, UsageError
+from strata.errors import BrokerError, StrataError, UsageError
 from strata.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -631,5 +631,14 @@ def main() -> None:
         sys.stderr.write(f"strata: {exc.format_message()}\n")
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
+        sys.stderr.write("strata: interrupted\n")
         sys.exit(130)
+    except Exception as exc:
+        # A Kafka client error no command turned into a BrokerError of its
+        # own (if aiokafka was never imported, none can have been raised).
+        kafka_errors = sys.modules.get("aiokafka.errors")
+        if kafka_errors is None or not isinstance(exc, kafka_errors.KafkaError):
+            raise
+        sys.stderr.write(f"strata: Kafka: {type(exc).__name__}: {exc}\n")
+        sys.exit(BrokerError.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 import structlog
@@ -65,6 +65,16 @@ def bootstrap_of(settings: Settings) -> str:
         "no Kafka broker: set STRATA_KAFKA_BOOTSTRAP or run `strata broker up` "
         f"(data dir {settings.data_dir})"
     )
+
+
+def pinned(settings: Settings) -> Settings:
+    """``settings`` with the broker address resolved now, for a job that must
+    keep talking to the same broker even if its record goes away meanwhile.
+
+    Raises:
+        ConfigError: there is no broker to resolve.
+    """
+    return settings.model_copy(update={"kafka_bootstrap": bootstrap_of(settings)})
 
 
 async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
@@ -215,3 +225,103 @@ def missing_topic(settings: Settings, topic: str) -> UsageError:
         f"topic {topic} does not exist on {bootstrap_of(settings)}: check "
         "STRATA_TOPIC_PREFIX, or run `strata topics ensure`"
     )
+
+
+class BrokerWatch:
+    """Turns a wait that has stopped moving into a :class:`BrokerError`, once
+    the broker no longer answers.
+
+    aiokafka's clients retry for as long as a broker is away (an idempotent
+    producer never gives a batch up), which suits a long-running worker but
+    leaves a job waiting forever. A job calls :meth:`moved` whenever its
+    work advances and :meth:`check` while it waits; after ``stall_s`` without
+    progress, :meth:`check` asks the broker for the topic's end offsets and
+    raises if it gets no answer within ``probe_s``.
+
+    Args:
+        settings: where the broker is (resolved now: see :func:`pinned`).
+        doing: what the job was doing, for the error ("publishing the export").
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        doing: str,
+        *,
+        stall_s: float = 15.0,
+        probe_s: float = 10.0,
+    ) -> None:
+        self.settings = pinned(settings)
+        self.doing = doing
+        self.stall_s = stall_s
+        self.probe_s = probe_s
+        self._moved_at = time.monotonic()
+
+    def moved(self) -> None:
+        """The work advanced: the broker is evidently there."""
+        self._moved_at = time.monotonic()
+
+    async def check(self) -> None:
+        """Ask the broker whether it is there, if nothing moved for a while.
+
+        Raises:
+            BrokerError: it did not answer.
+        """
+        stalled = time.monotonic() - self._moved_at
+        if stalled < self.stall_s:
+            return
+        try:
+            await asyncio.wait_for(
+                end_offsets(
+                    self.settings, [self.settings.memory_topic], timeout_s=self.probe_s
+                ),
+                self.probe_s + 5.0,
+            )
+        except (BrokerError, TimeoutError) as exc:
+            raise BrokerError(
+                f"Kafka broker at {bootstrap_of(self.settings)} stopped answering "
+                f"while {self.doing} (nothing moved for {stalled:.0f}s); "
+                "rerun to resume"
+            ) from exc
+        self.moved()  # it answered: give the work another while
+
+
+async def bounded_close(
+    work: Coroutine[Any, Any, None], *, step: str, seconds: float, consequence: str
+) -> None:
+    """Run one step of closing a client, giving up after ``seconds``.
+
+    For leaving when the broker may be gone: an aiokafka client's ``stop``
+    can wait for it indefinitely. A step that times out or fails is logged
+    as a warning with its ``consequence``, never raised, so the error that
+    made the caller leave is the one that reaches the user.
+    """
+    try:
+        await asyncio.wait_for(work, seconds)
+    except TimeoutError:
+        log.warning(
+            "kafka.close_timed_out",
+            step=step,
+            seconds=seconds,
+            cause="the broker did not answer",
+            consequence=consequence,
+        )
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # aiokafka's fetcher awaits the fetches it cancels while closing,
+        # which surfaces as a cancellation nobody asked this task for.
+        log.warning(
+            "kafka.close_failed",
+            step=step,
+            cause="a request in flight was cancelled",
+            consequence=consequence,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported; the caller's own error matters more
+        log.warning(
+            "kafka.close_failed",
+            step=step,
+            error=f"{type(exc).__name__}: {exc}",
+            consequence=consequence,
+        )

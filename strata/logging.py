@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
@@ -50,6 +51,8 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
             processor=renderer, foreign_pre_chain=shared
         )
     )
+    handler.addFilter(QuietRepeats("aiokafka"))
+    handler.addFilter(_abandoned_kafka_futures)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -65,7 +68,59 @@ def _transient_filter(record: logging.LogRecord) -> bool:
     return "GroupCoordinatorNotAvailable" not in record.getMessage()
 
 
+def _abandoned_kafka_futures(record: logging.LogRecord) -> bool:
+    # A client closed while the broker was away leaves futures failed with a
+    # Kafka error that nobody awaits; asyncio reports each as it is collected,
+    # after the command has already said what went wrong with the broker.
+    if record.name != "asyncio" or not record.exc_info:
+        return True
+    error = record.exc_info[1]
+    return not (
+        type(error).__module__.startswith("aiokafka")
+        and str(record.msg).startswith("Future exception was never retrieved")
+    )
+
+
 def _connect_filter(record: logging.LogRecord) -> bool:
     # A broker that cannot be reached at start is reported once, by Strata,
     # as a BrokerError naming the address and the time waited.
     return not record.getMessage().startswith("Unable connect to")
+
+
+class QuietRepeats(logging.Filter):
+    """Let a library's repeated complaint through once a window, not once a retry.
+
+    aiokafka logs each failed retry, ten times a second while a broker is
+    away; the first record of a kind passes, like ones (same logger, level
+    and message template) are held back for ``window_s`` seconds, and the
+    next one to pass says how many were held back.
+    """
+
+    def __init__(
+        self, prefix: str, *, window_s: float = 30.0, kinds: int = 256
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.window_s = window_s
+        self.kinds = kinds
+        #: (logger, level, template) -> [when one last passed, held back since]
+        self._seen: dict[tuple[str, int, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        kind = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        seen = self._seen.get(kind)
+        if seen is not None and now - seen[0] < self.window_s:
+            seen[1] += 1
+            return False
+        if seen is not None and seen[1]:
+            record.msg = (
+                f"{record.msg} (and {int(seen[1])} like it in the last "
+                f"{now - seen[0]:.0f}s)"
+            )
+        if seen is None and len(self._seen) >= self.kinds:
+            del self._seen[next(iter(self._seen))]
+        self._seen[kind] = [now, 0]
+        return True

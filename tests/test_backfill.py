@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer
 from projections.reader import Reader
 from schemas.codec import Codec
 from schemas.events import MemoryWritten
+from strata.broker import broker_down, broker_up
 from strata.config import Settings
 from strata.kafka import end_offsets
 from strata.keystore import LocalKeystore
@@ -307,3 +308,58 @@ def test_backfill_of_a_missing_folder_is_a_usage_error(
     assert done.stderr.decode().strip().splitlines() == [
         f"strata: --from-dir {missing}: not a folder"
     ]
+
+
+async def test_backfill_whose_broker_goes_away_stops_and_resumes(
+    settings: Settings, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The broker stops mid-publish: the job exits 2 naming the broker instead
+    of retrying forever, its helper with it; once the broker is back, a
+    rerun resumes and imports every record exactly once."""
+    export = tmp_path / "export"
+    make_export(export)
+    broker_dir = tmp_path / "own-broker"
+    info, _ = broker_up(broker_dir)
+    own = settings.model_copy(update={"kafka_bootstrap": info.bootstrap})
+    env = {**cli_env, "STRATA_KAFKA_BOOTSTRAP": info.bootstrap}
+    try:
+        proc = subprocess.Popen(
+            _command(export, "--max-rate", "150"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_restricted(),
+        )
+        try:
+            published = 0
+            deadline = time.monotonic() + 60
+            while published < 60:
+                assert proc.poll() is None, "the run ended before the broker stopped"
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+                published = sum((await end_offsets(own, [own.memory_topic])).values())
+            helpers = psutil.Process(proc.pid).children()
+            broker_down(broker_dir)
+            _, stderr = await asyncio.to_thread(proc.communicate, timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 2
+        last = stderr.decode().strip().splitlines()[-1]
+        assert last.startswith(
+            f"strata: Kafka broker at {info.bootstrap} stopped answering"
+        )
+        assert last.endswith("rerun to resume")
+        _, alive = psutil.wait_procs(helpers, timeout=30)
+        assert alive == []
+
+        restarted, _ = broker_up(broker_dir)
+        assert restarted.bootstrap == info.bootstrap
+        status, result = run_cli(env, export)
+    finally:
+        broker_down(broker_dir)
+    assert status == 1
+    assert result["resumed"] is True
+    assert _counts(result) == (500, 0, 0, 5)
+    assert history_duplicates(StorePaths(own.data_dir).l2_db) == []

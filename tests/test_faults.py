@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +27,14 @@ from strata.config import Settings
 from strata.kafka import ensure_topics
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
-from tests.helpers import committed_offsets, history_duplicates, wait_caught_up
+from tests.helpers import (
+    committed_offsets,
+    env_with,
+    history_duplicates,
+    kill_all,
+    start_worker_process,
+    wait_caught_up,
+)
 
 
 @contextlib.contextmanager
@@ -197,6 +205,42 @@ async def test_broker_outage_of_ten_seconds_loses_nothing(
     assert set(written.values()) == {1}
     assert history_duplicates(paths.l2_db) == []
     assert verify_ledger(paths.ledger).ok
+
+
+async def test_a_worker_stops_promptly_while_the_broker_is_away(
+    tmp_path: Path, keystore: LocalKeystore, settings: Settings, cli_env: dict[str, str]
+) -> None:
+    """SIGTERM with the broker gone: the worker gives up on the commit, exits
+    cleanly in bounded time, and its log says so without a line per retry."""
+    broker_dir = tmp_path / "own-broker"
+    info, _ = broker_up(broker_dir)
+    own = settings.model_copy(update={"kafka_bootstrap": info.bootstrap})
+    try:
+        await ensure_topics(own)
+        async with MemoryProducer(own, keystore) as producer:
+            for i in range(50):
+                await producer.write("acme", f"k{i}", f"value {i}")
+        worker = start_worker_process(
+            env_with(cli_env, STRATA_KAFKA_BOOTSTRAP=info.bootstrap), "away"
+        )
+        try:
+            await wait_caught_up(own)
+            broker_down(broker_dir)
+            await asyncio.sleep(8)  # long enough for a few hundred retries
+            worker.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(worker.wait, 60)
+            assert worker.stderr is not None
+            lines = worker.stderr.read().decode().splitlines()
+        finally:
+            kill_all(worker)
+    finally:
+        broker_down(broker_dir)
+    assert code == 0, lines[-5:]
+    events = [
+        json.loads(line).get("event", "") for line in lines if line.startswith("{")
+    ]
+    assert "worker.close_timed_out" in events
+    assert len(lines) < 60, f"{len(lines)} log lines in 8 s of outage"
 
 
 async def test_racing_writers_with_expected_versions(
