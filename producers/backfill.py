@@ -110,6 +110,9 @@ FAILURE_KINDS = (
 #: broker's message limit (payload limit plus 64 KiB).
 METADATA_LIMIT_BYTES = 32 * 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST_MS = (
+    datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH
+) // timedelta(milliseconds=1)
 _NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?$")
 # Publishing waits for acknowledgements in groups of this many, bounding memory.
 _IN_FLIGHT = 1000
@@ -203,7 +206,7 @@ def parse_time_ms(value: object) -> int | None:
         if not math.isfinite(value):
             raise ValueError(f"{value} is not a time")
         # 10^11 seconds is the year 5138: larger numbers are milliseconds.
-        return round(value if abs(value) >= 1e11 else value * 1000)
+        return _in_range(round(value if abs(value) >= 1e11 else value * 1000), value)
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -214,8 +217,16 @@ def parse_time_ms(value: object) -> int | None:
             raise ValueError(f"{value[:64]!r} is not an ISO 8601 time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return (moment - _EPOCH) // timedelta(milliseconds=1)
+        return _in_range((moment - _EPOCH) // timedelta(milliseconds=1), value[:64])
     raise ValueError(f"expected ISO 8601 text or a Unix time, got {_json_type(value)}")
+
+
+def _in_range(time_ms: int, given: object) -> int:
+    if not 0 <= time_ms <= _LATEST_MS:
+        raise ValueError(
+            f"{given!r} is outside 1970-01-01 to 9999-12-31, the times a memory can hold"
+        )
+    return time_ms
 
 
 def _json_type(value: object) -> str:
@@ -225,6 +236,11 @@ def _json_type(value: object) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return "a number"
     return names.get(type(value), type(value).__name__)
+
+
+def _clip(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _compact(value: object) -> str:
@@ -463,6 +479,13 @@ class ExportReader:
                     "invalid_field",
                     f"field {name}: expected a string, got {_json_type(value)}",
                 )
+        if name_key is not None and "key" in obj and obj["key"] != name_key:
+            return Failure(
+                where,
+                "invalid_field",
+                f"field key {_clip(obj['key'])} differs from the file name's key "
+                f"{name_key!r}",
+            )
         if name_cls is not None and cls != name_cls:
             return Failure(
                 where,
@@ -474,7 +497,10 @@ class ExportReader:
     def _mapped(
         self, where: SourceRef, key: str, cls: str, payload: bytes, meta: dict[str, Any]
     ) -> LegacyRecord | Failure:
-        tenant = meta.get("tenant_id", self.tenant)
+        # A null tenant_id is no tenant_id: the job's default applies.
+        tenant = meta.get("tenant_id")
+        if tenant is None:
+            tenant = self.tenant
         if tenant is None:
             return Failure(
                 where,

@@ -162,6 +162,23 @@ def test_jsonl_lines_are_numbered_and_blank_lines_skipped(tmp_path: Path) -> Non
             "field meta.created_at: 'yesterday' is not an ISO 8601 time",
         ),
         (
+            {"payload": "x", "meta": {"created_at": 1e300}, "cls": "chat"},
+            "invalid_field",
+            "field meta.created_at: 1e+300 is outside 1970-01-01 to 9999-12-31, "
+            "the times a memory can hold",
+        ),
+        (
+            {"payload": "x", "meta": {"created_at": -5}, "cls": "chat"},
+            "invalid_field",
+            "field meta.created_at: -5 is outside 1970-01-01 to 9999-12-31, "
+            "the times a memory can hold",
+        ),
+        (
+            {"payload": "x", "meta": {}, "cls": "chat", "key": "other"},
+            "invalid_field",
+            "field key 'other' differs from the file name's key 'k'",
+        ),
+        (
             {"payload": "x", "meta": {"tenant_id": "a/b"}, "cls": "chat"},
             "invalid_field",
             "tenant 'a/b': use 1-128 letters, digits, '.', '_' or '-', starting "
@@ -193,6 +210,21 @@ def test_record_without_tenant_fails_without_a_default(tmp_path: Path) -> None:
         "missing_field",
         "missing field meta.tenant_id (and no default tenant: --tenant)",
     )
+
+
+def test_a_null_tenant_id_takes_the_default_tenant(tmp_path: Path) -> None:
+    """``"tenant_id": null`` is no tenant_id: --tenant applies, or it fails as missing."""
+    _write(
+        tmp_path,
+        "records/k__chat.json",
+        {"payload": "x", "meta": {"tenant_id": None}, "cls": "chat", "key": "k"},
+    )
+    [record] = _read(tmp_path, tenant="fallback")
+    assert isinstance(record, LegacyRecord)
+    assert (record.tenant, record.key, record.metadata) == ("fallback", "k", {})
+    [failure] = _read(tmp_path, tenant=None)
+    assert isinstance(failure, Failure)
+    assert failure.kind == "missing_field"
 
 
 def test_files_that_are_not_regular_are_never_opened(tmp_path: Path) -> None:
