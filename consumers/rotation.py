@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -67,6 +63,7 @@ from strata.errors import (
 )
 from strata.kafka import bootstrap_of, end_offsets, start_client, start_reader
 from strata.keystore import ACTIVE, Keyring
+from strata.locks import exclusive
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
@@ -267,7 +264,7 @@ class RotationJob:
     async def run(self) -> RotationReport:
         """Start a new rotation, or resume the unfinished one for these tenants."""
         began = time.monotonic()
-        with _exclusive(self.paths.jobs / "rotation.lock"):
+        with exclusive(self.paths.jobs / "rotation.lock", "rotation"):
             wanted = self._wanted_tenants()
             jobs = await read_rotation_jobs(self.settings)
             job = _unfinished_for(jobs, wanted)
@@ -652,26 +649,6 @@ def _unfinished_for(jobs: dict[str, JobRecord], tenants: list[str]) -> JobRecord
         if not job.finished and set(job.versions) & set(tenants):
             return job
     return None
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """One rotation at a time per data dir; the lock dies with its process."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise StoreError(f"{path}: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(
-                f"another rotation is running on this data dir ({path} is locked)"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- verification and retirement --------------------------------------------------

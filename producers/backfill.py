@@ -88,6 +88,7 @@ from strata.kafka import (
     pinned,
 )
 from strata.keystore import LocalKeystore
+from strata.locks import exclusive
 from strata.paths import StorePaths
 from strata.validation import check_class, check_key, check_tenant
 
@@ -735,12 +736,17 @@ class Backfill:
         """Run the job to the end, resuming an unfinished one.
 
         Raises:
-            UsageError: the export folder or an option cannot be used.
+            UsageError: the export folder or an option cannot be used, or
+                another backfill of this export is running on the data dir.
             BrokerError: the broker cannot be reached; rerun to resume.
             StoreError: a store or the job state cannot be written; rerun to resume.
         """
         began = time.monotonic()
         self._check_input()
+        with exclusive(self.state_path.with_suffix(".lock"), "backfill of this export"):
+            return await self._run(began)
+
+    async def _run(self, began: float) -> BackfillReport:
         self.settings = pinned(self.settings)
         await ensure_topics(self.settings)
         state, resumed = await self._open_job()

@@ -249,8 +249,9 @@ async def test_backfill_counts_reasons_and_rerun(
 async def test_killed_backfill_resumes_to_the_same_counts(
     topics: Settings, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """SIGKILL while publishing; the rerun resumes the job, publishes the rest
-    once, and reports what an uninterrupted run reports."""
+    """A second run beside the first is refused; SIGKILL while publishing; the
+    rerun resumes the job, publishes the rest once, and reports what an
+    uninterrupted run reports."""
     export = tmp_path / "export"
     make_export(export)
     proc = subprocess.Popen(
@@ -273,6 +274,12 @@ async def test_killed_backfill_resumes_to_the_same_counts(
         assert [" ".join(h.cmdline()[-4:]) for h in helpers] == [
             f"strata worker --group {topics.topic_prefix}.backfill"
         ]
+        second = subprocess.run(
+            _command(export), env=cli_env, capture_output=True, timeout=60, check=False
+        )
+        assert second.returncode == 2
+        assert second.stdout == b""
+        assert b"another backfill of this export is running" in second.stderr
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
         # The projecting helper does not outlive the job.
