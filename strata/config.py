@@ -68,14 +68,14 @@ class Settings(BaseSettings):
     @field_validator("topic_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if not _PREFIX_RE.match(value):
+        if not _PREFIX_RE.fullmatch(value):
             raise ValueError("letters, digits, '.', '_' and '-' only, at most 101")
         return value
 
     @field_validator("kafka_bootstrap")
     @classmethod
     def _check_bootstrap(cls, value: str | None) -> str | None:
-        if value is not None and not _BOOTSTRAP_RE.match(value):
+        if value is not None and not _BOOTSTRAP_RE.fullmatch(value):
             raise ValueError("expected host:port[,host:port...]")
         for address in (value or "").split(","):
             if address and not 1 <= int(address.rpartition(":")[2]) <= 65535:
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         cls, value: dict[str, dict[str, float | None]]
     ) -> dict[str, dict[str, float | None]]:
         for name, rule in value.items():
-            if name != "default" and not _CLASS_RE.match(name):
+            if name != "default" and not _CLASS_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a class name or 'default'")
             unknown = set(rule) - _TIER_RULE_FIELDS
             if unknown:

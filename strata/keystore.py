@@ -53,6 +53,7 @@ from strata.kms import (
 )
 from strata.paths import StorePaths
 from strata.shapes import Fields, MapOf, shape_problem
+from strata.validation import is_tenant
 
 __all__ = [
     "ACTIVE",
@@ -104,6 +105,41 @@ KEYSTORE_SHAPE = Fields(
     },
     {"format": int},
 )
+_STATES = (ACTIVE, RETIRED, DESTROYED)
+
+
+def keystore_problem(doc: Any) -> str | None:
+    """What is wrong with a keystore document, naming the field; None if nothing.
+
+    Beyond :data:`KEYSTORE_SHAPE`: tenant names are valid, states are known,
+    counts are not negative, the primary is one of the tenant's versions and
+    every active version holds its wrapped key.
+    """
+    problem = shape_problem(doc, KEYSTORE_SHAPE)
+    if problem is not None:
+        return problem
+    for tenant, entry in doc["tenants"].items():
+        where = f"tenants.{tenant}"
+        if not is_tenant(tenant):
+            return f"{where}: {tenant!r} is not a tenant name"
+        versions = entry["versions"]
+        for version, info in versions.items():
+            at = f"{where}.versions.{version}"
+            if info["state"] not in _STATES:
+                return (
+                    f"{at}.state: {info['state']!r} is not one of {', '.join(_STATES)}"
+                )
+            if info.get("encryptions", 0) < 0:
+                return f"{at}.encryptions: {info['encryptions']} is negative"
+            if info["state"] == ACTIVE and "wrapped" not in info:
+                return f"{at}.wrapped: missing, and the version is active"
+        if not entry.get("erased") and str(entry["primary"]) not in versions:
+            return (
+                f"{where}.primary: version {entry['primary']} is not among its versions"
+            )
+    return None
+
+
 #: First block of encryptions a process reserves per key version; it doubles
 #: up to the maximum, so short-lived processes waste little and busy ones
 #: rarely write the keystore.
@@ -228,7 +264,7 @@ class Keyring:
         self._state = StateFile(
             directory / "keystore.json",
             lambda: {"format": FORMAT, "tenants": {}},
-            lambda doc: shape_problem(doc, KEYSTORE_SHAPE),
+            keystore_problem,
         )
         self._cache: dict[tuple[str, int], tuple[DataKey, float]] = {}
         # tenant -> (primary key, the document it came from, recheck deadline)
@@ -249,10 +285,15 @@ class Keyring:
 
     def _doc(self) -> dict[str, Any]:
         doc = self._state.read()
-        if doc.get("format", 1) != FORMAT:
+        if doc.get("format") != FORMAT:
+            has = (
+                f"format {doc['format']}"
+                if "format" in doc
+                else "no format field (an older Strata's, or damaged)"
+            )
             raise ConfigError(
-                f"keystore {self._state.path} has format {doc.get('format', 1)}; this "
-                f"Strata reads format {FORMAT} (start from a fresh data dir)"
+                f"keystore {self._state.path} has {has}; this Strata reads "
+                f"format {FORMAT} (start from a fresh data dir)"
             )
         return doc
 

@@ -119,12 +119,29 @@ def check_key_name(name: str) -> str:
     Raises:
         KeyUnavailableError: the name is not acceptable.
     """
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise KeyUnavailableError(f"KMS key name {name!r} is not acceptable")
     return name
 
 
 # -- files ----------------------------------------------------------------------
+
+
+def _parse_json(path: Path, data: bytes) -> Any:
+    """A JSON document from a file's bytes, or a StoreError saying why not."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreError(
+            f"{path}: damaged: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+            f"offset {exc.start})"
+        ) from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise StoreError(f"{path}: damaged: not JSON ({exc})") from None
+    except RecursionError:
+        raise StoreError(f"{path}: damaged: nested too deeply to be read") from None
 
 
 class StateFile:
@@ -178,9 +195,12 @@ class StateFile:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             if stamp != self._stamp:
                 try:
-                    doc = json.loads(self.path.read_bytes())
-                except (OSError, ValueError) as exc:
-                    raise StoreError(f"{self.path}: cannot be read: {exc}") from exc
+                    data = self.path.read_bytes()
+                except OSError as exc:
+                    raise StoreError(
+                        f"{self.path}: cannot be read: {exc.strerror}"
+                    ) from exc
+                doc = _parse_json(self.path, data)
                 problem = self._check(doc) if self._check is not None else None
                 if problem is not None:
                     raise StoreError(f"{self.path}: damaged: {problem}")
@@ -295,7 +315,7 @@ def _seal_token(prefix: str, version: int, key: bytes, data: bytes, aad: bytes) 
 
 
 def _parse_token(token: str) -> tuple[int, bytes]:
-    match = _TOKEN_RE.match(token)
+    match = _TOKEN_RE.fullmatch(token)
     if match is None:
         raise KeyUnavailableError("wrapped key is not a KMS token")
     return int(match["version"]), base64.b64decode(match["body"])

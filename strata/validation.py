@@ -6,10 +6,15 @@ import re
 
 from strata.errors import UsageError
 
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_CLASS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CLASS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_KEY_CHARS = 1024
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def is_tenant(name: str) -> bool:
+    """Whether ``name`` is a valid tenant name (see :func:`check_tenant`)."""
+    return _TENANT_RE.fullmatch(name) is not None
 
 
 def check_tenant(tenant: str) -> str:
@@ -17,7 +22,7 @@ def check_tenant(tenant: str) -> str:
 
     '/' is excluded because the message key is ``tenant/key``.
     """
-    if not _TENANT_RE.match(tenant):
+    if not is_tenant(tenant):
         raise UsageError(
             f"tenant {tenant!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -36,7 +41,7 @@ def check_key(key: str) -> str:
 
 def check_class(cls: str) -> str:
     """A class is a short lower-case word such as ``chat`` or ``pii``."""
-    if not _CLASS_RE.match(cls):
+    if not _CLASS_RE.fullmatch(cls):
         raise UsageError(
             f"class {cls!r}: use 1-32 lower-case letters, digits, '_' or '-'"
         )

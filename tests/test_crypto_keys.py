@@ -15,6 +15,7 @@ import pytest
 from strata.config import load_settings
 from strata.crypto import associated_data, open_sealed, seal
 from strata.errors import (
+    ConfigError,
     DecryptionError,
     ErasedError,
     KeyUnavailableError,
@@ -247,7 +248,6 @@ def test_key_material_never_shows_in_reprs_files_or_settings(tmp_path: Path) -> 
 def test_a_mistyped_master_key_path_is_refused_once_keys_exist(tmp_path: Path) -> None:
     """A missing master key file beside wrapped keys is a wrong path, not a first use."""
     from strata.config import load_settings
-    from strata.errors import ConfigError
     from strata.keystore import open_keystore
 
     settings = load_settings(data_dir=tmp_path, kafka_bootstrap="127.0.0.1:1")
@@ -259,6 +259,31 @@ def test_a_mistyped_master_key_path_is_refused_once_keys_exist(tmp_path: Path) -
             "acme", 1
         )
     assert not typo.exists()
+
+
+def _one_version(
+    info: dict[str, object], *, primary: int = 1, tenant: str = "acme"
+) -> dict[str, object]:
+    return {
+        "format": 2,
+        "tenants": {
+            tenant: {"key_id": "k", "primary": primary, "versions": {"1": info}}
+        },
+    }
+
+
+def test_a_keystore_without_a_format_is_refused_saying_so(tmp_path: Path) -> None:
+    _ring(tmp_path).primary("acme")
+    path = tmp_path / "keys" / "keystore.json"
+    doc = json.loads(path.read_text())
+    del doc["format"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as raised:
+        _ring(tmp_path).versions("acme")
+    assert str(raised.value) == (
+        f"keystore {path} has no format field (an older Strata's, or damaged); "
+        "this Strata reads format 2 (start from a fresh data dir)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -294,6 +319,39 @@ def test_a_mistyped_master_key_path_is_refused_once_keys_exist(tmp_path: Path) -
             },
             "tenants.acme.versions.1.created_ms: expected an integer, got true or false",
         ),
+        (
+            _one_version({"state": "active", "created_ms": 1}),
+            "tenants.acme.versions.1.wrapped: missing, and the version is active",
+        ),
+        (
+            _one_version({"state": "paused", "created_ms": 1, "wrapped": "w"}),
+            "tenants.acme.versions.1.state: 'paused' is not one of active, retired, "
+            "destroyed",
+        ),
+        (
+            _one_version(
+                {"state": "active", "created_ms": 1, "wrapped": "w", "encryptions": -3}
+            ),
+            "tenants.acme.versions.1.encryptions: -3 is negative",
+        ),
+        (
+            _one_version(
+                {"state": "active", "created_ms": 1, "wrapped": "w"}, primary=2
+            ),
+            "tenants.acme.primary: version 2 is not among its versions",
+        ),
+        (
+            _one_version(
+                {"state": "active", "created_ms": 1, "wrapped": "w"}, tenant="a/b"
+            ),
+            "tenants.a/b: 'a/b' is not a tenant name",
+        ),
+        (b"\x00\x01binary\xff", "not UTF-8 text (byte 0xff at offset 8)"),
+        (b"[" * 100_000, "nested too deeply to be read"),
+        (
+            b'{"tenants": ',
+            "not JSON (Expecting value: line 1 column 13 (char 12))",
+        ),
     ],
 )
 def test_a_damaged_keystore_is_refused_naming_the_file_and_field(
@@ -301,7 +359,10 @@ def test_a_damaged_keystore_is_refused_naming_the_file_and_field(
 ) -> None:
     _ring(tmp_path).primary("acme")
     path = tmp_path / "keys" / "keystore.json"
-    path.write_text(json.dumps(damage))
+    if isinstance(damage, bytes):
+        path.write_bytes(damage)
+    else:
+        path.write_text(json.dumps(damage))
     fresh = _ring(tmp_path)
     with pytest.raises(StoreError) as raised:
         fresh.versions("acme")

@@ -257,7 +257,7 @@ def _find_java() -> str:
 
 
 def _check_version(version: str) -> None:
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise ConfigError(f"not a Kafka version: {version!r}")
 
 
