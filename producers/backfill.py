@@ -90,7 +90,7 @@ from strata.kafka import (
 from strata.keystore import LocalKeystore
 from strata.locks import exclusive
 from strata.paths import StorePaths
-from strata.validation import check_class, check_key, check_tenant
+from strata.validation import check_agent, check_class, check_key, check_tenant
 
 log = structlog.get_logger(__name__)
 
@@ -709,6 +709,9 @@ class Backfill:
             f"{source}\0{self.root}\0{tenant or ''}".encode()
         ).hexdigest()[:16]
         self.state_path = self.paths.jobs / f"backfill-{job_key}.json"
+        self._helper: asyncio.subprocess.Process | None = None
+        self._helper_log: Path | None = None
+        self._helper_tried = False
         self.report_path = (
             report_path or self.paths.jobs / f"backfill-{job_key}.report.json"
         )
@@ -724,12 +727,23 @@ class Backfill:
             check_tenant(self.tenant)
         if not self.source or "\0" in self.source:
             raise UsageError(f"--source {self.source!r}: give a non-empty name")
-        if self.max_rate is not None and self.max_rate <= 0:
-            raise UsageError(f"--max-rate {self.max_rate}: must be positive")
+        check_agent(self.agent)
+        if self.max_rate is not None and not (
+            math.isfinite(self.max_rate) and self.max_rate > 0
+        ):
+            raise UsageError(f"--max-rate {self.max_rate}: must be a positive number")
         parent = self.report_path.parent
+        if self.report_path.is_dir():
+            raise UsageError(
+                f"--report {self.report_path}: is a folder; give the report file's path"
+            )
         if parent != self.paths.jobs and not parent.is_dir():
             raise UsageError(
                 f"--report {self.report_path}: folder {parent} does not exist"
+            )
+        if parent != self.paths.jobs and not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(
+                f"--report {self.report_path}: folder {parent} is not writable"
             )
 
     async def run(self) -> BackfillReport:
@@ -768,16 +782,16 @@ class Backfill:
             )
             try:
                 await self._timed(report, "catch-up", self._project("catch-up"))
-                helper_log = self.paths.jobs / f"backfill-{report.job_id}.worker.log"
-                helper = await self._start_helper(helper_log)
+                self._helper_log = (
+                    self.paths.jobs / f"backfill-{report.job_id}.worker.log"
+                )
                 try:
                     published = await self._timed(
                         report, "publish", self._scan_and_publish(report, starts)
                     )
-                    await self._timed(
-                        report, "project", self._project_beside(helper, helper_log)
-                    )
+                    await self._timed(report, "project", self._project_beside())
                 finally:
+                    helper = self._helper
                     if helper is not None and helper.returncode is None:
                         await stop_child(helper)
                 await self._timed(report, "verify", self._verify(report, published))
@@ -914,15 +928,18 @@ class Backfill:
             await asyncio.gather(run, watch, return_exceptions=True)
         self._on_progress(BackfillProgress(phase, total, total))
 
-    async def _start_helper(self, log_path: Path) -> asyncio.subprocess.Process | None:
+    async def _start_helper(self) -> None:
         """Start a ``strata worker`` process to project while this one
-        publishes, so the two run on separate cores; None if it cannot start
-        (the embedded worker then does all the projecting)."""
+        publishes, so the two run on separate cores. Called with the first
+        record published, so a run with nothing to publish starts none; if it
+        cannot start, the embedded worker does all the projecting."""
+        self._helper_tried = True
+        assert self._helper_log is not None
         try:
-            return await start_worker(
+            self._helper = await start_worker(
                 self.settings,
                 group=f"{self.settings.topic_prefix}.backfill",
-                log_path=log_path,
+                log_path=self._helper_log,
             )
         except OSError as exc:
             log.warning(
@@ -930,18 +947,19 @@ class Backfill:
                 error=str(exc),
                 consequence="projection starts after publishing, in this process",
             )
-            return None
 
-    async def _project_beside(
-        self, helper: asyncio.subprocess.Process | None, log_path: Path
-    ) -> None:
+    async def _project_beside(self) -> None:
         """Let the helper finish projecting what was published, then stop it;
         if there is none, or it failed, project here instead."""
-        if helper is not None:
+        helper, log_path = self._helper, self._helper_log
+        if helper is not None and log_path is not None:
             await self._projected_by(helper, "project")
             code = await stop_child(helper)
             if code == 0:
                 # Stopped cleanly: its followers were drained as well.
+                with contextlib.suppress(OSError):
+                    if log_path.stat().st_size == 0:
+                        log_path.unlink()  # it had nothing to say
                 await self._project("project")
                 return
             log.warning(
@@ -1111,6 +1129,8 @@ class Backfill:
             delay = began + report.published / self.max_rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+        if not self._helper_tried:
+            await self._start_helper()
         report.published += 1
         return await producer.publish(event)
 
@@ -1205,6 +1225,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     Raises:
         StoreError: it cannot be written.
     """
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -1214,6 +1235,9 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise StoreError(f"{path}: cannot be written: {exc}") from exc
 
 

@@ -244,6 +244,12 @@ async def test_backfill_counts_reasons_and_rerun(
     assert again["resumed"] is False
     assert _errors(again) == expected_errors
     assert await end_offsets(topics, [topics.memory_topic]) == ends
+    # The first run's helper says what it projected; the rerun, with nothing
+    # to publish, started none.
+    jobs = StorePaths(topics.data_dir).jobs
+    [helper_log] = jobs.glob("*.worker.log")
+    assert helper_log.name == f"backfill-{result['job_id']}.worker.log"
+    assert helper_log.read_text().startswith("applied 500 events")
 
 
 async def test_killed_backfill_resumes_to_the_same_counts(
@@ -315,6 +321,44 @@ def test_backfill_of_a_missing_folder_is_a_usage_error(
     assert done.stderr.decode().strip().splitlines() == [
         f"strata: --from-dir {missing}: not a folder"
     ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--agent", ""], "agent '': use 1-256 printable characters"),
+        (["--max-rate", "nan"], "--max-rate nan: must be a positive number"),
+        (["--max-rate", "0"], "--max-rate 0.0: must be a positive number"),
+        (
+            ["--report", "{tmp}"],
+            "--report {tmp}: is a folder; give the report file's path",
+        ),
+        (
+            ["--report", "{tmp}/no/such/report.json"],
+            "--report {tmp}/no/such/report.json: folder {tmp}/no/such does not exist",
+        ),
+    ],
+)
+def test_bad_backfill_options_are_refused_before_anything_runs(
+    cli_env: dict[str, str], tmp_path: Path, extra: list[str], says: str
+) -> None:
+    """Exit 2 with one line naming the option, and nothing written anywhere."""
+    export = tmp_path / "export"
+    make_export(export)
+    before = sorted(tmp_path.rglob("*"))
+    done = subprocess.run(
+        _command(export, *(e.format(tmp=tmp_path) for e in extra)),
+        env=cli_env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert done.stderr.decode().strip().splitlines() == [
+        f"strata: {says.format(tmp=tmp_path)}"
+    ]
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 async def test_backfill_whose_broker_goes_away_stops_and_resumes(
