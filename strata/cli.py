@@ -613,10 +613,23 @@ _CLI_USAGE_ERROR = _framework_error("UsageError")
 _CLI_ERROR = _framework_error("ClickException")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before a command installs handlers of its own (the worker does):
+    stop as on Ctrl-C, running the cleanups, and say why."""
+
+    received = False
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    _Terminated.received = True
+    raise _Terminated
+
+
 def main() -> None:
     """Entry point of the ``strata`` command."""
-    _register_commands()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        _register_commands()
         code = app(standalone_mode=False)
     except StrataError as exc:
         sys.stderr.write(f"strata: {exc}\n")
@@ -631,8 +644,7 @@ def main() -> None:
         sys.stderr.write(f"strata: {exc.format_message()}\n")
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        sys.stderr.write("strata: interrupted\n")
-        sys.exit(130)
+        code = 130
     except Exception as exc:
         # A Kafka client error no command turned into a BrokerError of its
         # own (if aiokafka was never imported, none can have been raised).
@@ -641,4 +653,9 @@ def main() -> None:
             raise
         sys.stderr.write(f"strata: Kafka: {type(exc).__name__}: {exc}\n")
         sys.exit(BrokerError.exit_code)
+    if code == 130:  # the framework's exit status for an interrupt
+        if _Terminated.received:
+            sys.stderr.write("strata: stopped by SIGTERM\n")
+            sys.exit(128 + signal.SIGTERM)
+        sys.stderr.write("strata: interrupted\n")
     sys.exit(code if isinstance(code, int) else 0)

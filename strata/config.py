@@ -22,6 +22,8 @@ log = structlog.get_logger(__name__)
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 _BOOTSTRAP_RE = re.compile(r"^[^\s,:]+:\d{1,5}(,[^\s,:]+:\d{1,5})*$")
+#: How pydantic-settings names the field whose environment value did not parse.
+_SETTINGS_FIELD_RE = re.compile(r'field "(\w+)"')
 _CLASS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _TIER_RULE_FIELDS = frozenset(
     {"after_age_s", "after_idle_s", "promote_reads", "promote_window_s"}
@@ -147,12 +149,18 @@ def load_settings(**overrides: object) -> Settings:
     except SettingsError as exc:
         # A complex value (a JSON policy) that does not parse.
         cause = exc.__cause__ or exc
-        raise ConfigError(f"{exc}: {cause}") from None
+        named = _SETTINGS_FIELD_RE.search(str(exc))
+        if named is None:
+            raise ConfigError(f"{exc}: {cause}") from None
+        raise ConfigError(
+            f"STRATA_{named.group(1).upper()}: not valid JSON ({cause})"
+        ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
+        message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(
-            f"STRATA_{field.upper()}: {first['msg']} (got {first.get('input')!r})"
+            f"STRATA_{field.upper()}: {message} (got {first.get('input')!r})"
         ) from None
 
 

@@ -148,8 +148,9 @@ async def start_client(client: object, bootstrap: str, timeout_s: float) -> None
         detail = str(exc) or type(exc).__name__
         if detail.startswith(f"{type(exc).__name__}: "):
             detail = detail[len(type(exc).__name__) + 2 :]
+        after = f" after {waited:.1f}s" if waited >= 1.0 else ""
         raise BrokerError(
-            f"Kafka broker at {bootstrap} unreachable after {waited:.1f}s: "
+            f"Kafka broker at {bootstrap} unreachable{after}: "
             f"{detail if detail != 'TimeoutError' else 'no answer'}"
         ) from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,23 @@ def test_reading_with_another_prefix_than_the_store_holds_is_refused(
         assert done.stderr.count("\n") == 1, done.stderr
         assert "someone-else.memory" in done.stderr
         assert "STRATA_TOPIC_PREFIX" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [("status",), ("write", "acme", "k", "v"), ("worker",), ("dlq", "list")]
+)
+def test_a_broker_nobody_listens_on_is_one_line_at_once(
+    cli_env: dict[str, str], command: tuple[str, ...]
+) -> None:
+    """Connection refused: exit 2 with the address, not a wait or a traceback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**cli_env, "STRATA_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
+    done = _strata(env, *command)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert done.stderr.startswith(
+        f"strata: Kafka broker at 127.0.0.1:{port} unreachable: "
+    )
+    assert done.stdout == ""

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 from consumers.replay import JobJournal
 from strata.children import settings_environment
 from strata.config import load_settings
+from strata.errors import ConfigError
 
 
 def test_an_unknown_strata_variable_is_named_once_with_its_likely_meaning(
@@ -25,6 +26,31 @@ def test_an_unknown_strata_variable_is_named_once_with_its_likely_meaning(
     assert len(named) == 1
     assert named[0]["log_level"] == "warning"
     assert named[0]["did_you_mean"] == "STRATA_MAX_PAYLOAD_BYTES"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (
+            "not json",
+            "STRATA_TIER_POLICY: not valid JSON (Expecting value: line 1 column 1 "
+            "(char 0))",
+        ),
+        (
+            '{"chat": {"bogus": 1}}',
+            "STRATA_TIER_POLICY: chat: unknown field 'bogus'; use after_age_s, "
+            "after_idle_s, promote_reads, promote_window_s (got {'chat': {'bogus': 1}})",
+        ),
+        ("7", "STRATA_TIER_POLICY: Input should be a valid dictionary (got 7)"),
+    ],
+)
+def test_a_bad_variable_is_named_with_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setenv("STRATA_TIER_POLICY", value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert str(raised.value) == says
 
 
 async def test_a_job_failure_the_journal_cannot_record_is_reported_not_raised(
