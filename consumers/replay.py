@@ -27,7 +27,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from producers.producer import producer_options
 from strata.config import Settings
 from strata.errors import BrokerError
-from strata.kafka import bounded_close, end_offsets, start_client, start_reader
+from strata.kafka import (
+    BrokerWatch,
+    bounded_close,
+    end_offsets,
+    start_client,
+    start_reader,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -199,10 +205,15 @@ class BoundedReplay:
             consumer.assign(list(tps.values()))
             for p, tp in tps.items():
                 consumer.seek(tp, report.positions[p])
+            watch = BrokerWatch(self.settings, f"replaying {self.topic}")
             while pending and not self._stop:
                 batches = await consumer.getmany(
                     timeout_ms=500, max_records=self.max_batch
                 )
+                if batches:
+                    watch.moved()
+                else:
+                    await watch.check()
                 for tp, records in batches.items():
                     if tp.partition in pending:
                         await self._handle(tp.partition, records, goal, report, handle)
@@ -212,7 +223,12 @@ class BoundedReplay:
                         consumer.pause(tps[p])
                 self._progress(report, began)
         finally:
-            await consumer.stop()
+            await bounded_close(
+                consumer.stop(),
+                step="close the replay's consumer",
+                seconds=JOURNAL_TIMEOUT_S,
+                consequence="none: its caller records how far the replay got",
+            )
 
     async def _handle(
         self,

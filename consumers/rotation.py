@@ -43,6 +43,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
 
 from consumers.replay import BoundedReplay, JobJournal, ReplayProgress
 from producers.batching import Batcher
@@ -61,7 +62,16 @@ from strata.errors import (
     StoreError,
     UsageError,
 )
-from strata.kafka import bootstrap_of, end_offsets, start_client, start_reader
+from strata.kafka import (
+    BrokerWatch,
+    bootstrap_of,
+    bounded_close,
+    broker_failure,
+    end_offsets,
+    pinned,
+    start_client,
+    start_reader,
+)
 from strata.keystore import ACTIVE, Keyring
 from strata.locks import exclusive
 from strata.paths import StorePaths
@@ -73,6 +83,8 @@ KIND = "key-rotation"
 
 #: Batches re-encrypted ahead of the last one whose progress is recorded.
 _BATCHES_IN_FLIGHT = 4
+#: Leaving on an error, what is still unacknowledged gets this long.
+_ABANDON_AFTER_S = 10.0
 
 
 def reencryption_id(job_id: str, source_event_id: str) -> str:
@@ -264,6 +276,7 @@ class RotationJob:
     async def run(self) -> RotationReport:
         """Start a new rotation, or resume the unfinished one for these tenants."""
         began = time.monotonic()
+        self.settings = pinned(self.settings)
         with exclusive(self.paths.jobs / "rotation.lock", "rotation"):
             wanted = self._wanted_tenants()
             jobs = await read_rotation_jobs(self.settings)
@@ -296,6 +309,10 @@ class RotationJob:
             ) as journal:
                 try:
                     await self._run(job, journal, report, resumed)
+                except KafkaError as exc:
+                    error = broker_failure(self.settings, "rotating keys", exc)
+                    await journal.record_failure(error)
+                    raise error from exc
                 except Exception as exc:
                     await journal.record_failure(exc)
                     raise
@@ -377,6 +394,8 @@ class RotationJob:
         client = AIOKafkaProducer(**producer_options(self.settings))
         await start_client(client, bootstrap_of(self.settings), 30.0)
         producer = Batcher(client, self.settings.memory_topic)
+        watch = BrokerWatch(self.settings, "publishing re-encrypted records")
+        finished = False
         l2 = L2Reader(self.paths.l2_db)
         # Batches are re-encrypted and queued while earlier ones wait for their
         # acknowledgements; each batch's progress is recorded, in order, only
@@ -395,7 +414,7 @@ class RotationJob:
                 if previous is not None:
                     await previous
                 if sends:
-                    acks = await asyncio.gather(*sends)
+                    acks = await watch.wait(asyncio.gather(*sends))
                     job.out_offsets[partition] = max(a.offset for a in acks) + 1
                     counts.reencrypted = len(sends)
                 report.counts.add(asdict(counts))
@@ -441,16 +460,23 @@ class RotationJob:
             result = await replay.run(starts, handle, targets=pending)
             while committing:
                 await committing.popleft()
+            finished = True
         finally:
             # A failed run records no more progress than was acknowledged.
             for task in committing:
                 task.cancel()
             await asyncio.gather(*committing, return_exceptions=True)
             l2.close()
-            try:
-                await producer.close()
-            finally:
-                await client.stop()
+            closing = _close_producer(producer, client)
+            if finished:
+                await closing
+            else:
+                await bounded_close(
+                    closing,
+                    step="flush the rotation's producer",
+                    seconds=_ABANDON_AFTER_S,
+                    consequence="a rerun publishes again what was not acknowledged",
+                )
         if not result.complete:
             raise StoreError(f"rotation {job.job_id} stopped before its end offsets")
         report.records_read = result.records
@@ -649,6 +675,13 @@ def _unfinished_for(jobs: dict[str, JobRecord], tenants: list[str]) -> JobRecord
         if not job.finished and set(job.versions) & set(tenants):
             return job
     return None
+
+
+async def _close_producer(producer: Batcher, client: AIOKafkaProducer) -> None:
+    try:
+        await producer.close()
+    finally:
+        await client.stop()
 
 
 # -- verification and retirement --------------------------------------------------

@@ -79,10 +79,10 @@ from projections.l2 import HistoryRow, L2Reader, StoredRecord
 from projections.reader import Reader, WriteToken
 from strata.children import start_worker, stop_child
 from strata.config import Settings
-from strata.errors import BrokerError, StoreError, StrataError, UsageError
+from strata.errors import StoreError, StrataError, UsageError
 from strata.kafka import (
     BrokerWatch,
-    bootstrap_of,
+    broker_failure,
     end_offsets,
     ensure_topics,
     pinned,
@@ -1067,10 +1067,7 @@ class Backfill:
                 scanned = report.failed + report.skipped + len(published)
                 self._on_progress(BackfillProgress("publish", scanned, scanned))
         except KafkaError as exc:
-            raise BrokerError(
-                f"publishing to Kafka at {bootstrap_of(self.settings)} failed: "
-                f"{type(exc).__name__}: {exc}; rerun to resume"
-            ) from exc
+            raise broker_failure(self.settings, "publishing the export", exc) from exc
         finally:
             reader.close()
         return published

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Coroutine, Iterable
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -23,6 +23,8 @@ from strata.config import Settings
 from strata.errors import BrokerError, ConfigError, UsageError
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -228,6 +230,14 @@ def missing_topic(settings: Settings, topic: str) -> UsageError:
     )
 
 
+def broker_failure(settings: Settings, doing: str, exc: KafkaError) -> BrokerError:
+    """The error a job raises when a Kafka client gave up while it was ``doing``."""
+    return BrokerError(
+        f"Kafka broker at {bootstrap_of(settings)} failed while {doing}: "
+        f"{type(exc).__name__}: {exc}; rerun to resume"
+    )
+
+
 class BrokerWatch:
     """Turns a wait that has stopped moving into a :class:`BrokerError`, once
     the broker no longer answers.
@@ -285,6 +295,25 @@ class BrokerWatch:
                 "rerun to resume"
             ) from exc
         self.moved()  # it answered: give the work another while
+
+    async def wait(self, work: Awaitable[T]) -> T:
+        """Await ``work``, checking on the broker while it takes long.
+
+        Raises:
+            BrokerError: the broker stopped answering (``work`` is cancelled).
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    self.moved()
+                    return task.result()
+                await self.check()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 async def bounded_close(
