@@ -29,8 +29,10 @@ from strata.config import Settings
 from strata.errors import BrokerError
 from strata.kafka import (
     BrokerWatch,
+    bootstrap_of,
     bounded_close,
     end_offsets,
+    pinned,
     start_client,
     start_reader,
 )
@@ -39,6 +41,8 @@ log = structlog.get_logger(__name__)
 
 #: A job leaving on an error waits at most this long to journal it.
 JOURNAL_TIMEOUT_S = 5.0
+#: Any other step of a job waits at most this long for the broker to take it.
+RECORD_TIMEOUT_S = 30.0
 
 #: Applies one partition's records, then stores ``next_offset`` as its checkpoint.
 BatchHandler = Callable[[int, Sequence[ConsumerRecord], int], Awaitable[None]]
@@ -309,6 +313,7 @@ class JobJournal:
         Raises:
             BrokerError: the broker cannot be reached.
         """
+        self.settings = pinned(self.settings)
         options = producer_options(self.settings)
         self._producer = AIOKafkaProducer(**options)
         await start_client(self._producer, str(options["bootstrap_servers"]), 30.0)
@@ -329,9 +334,8 @@ class JobJournal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            await self.stop()
-            return
+        # Every step was acknowledged as it was recorded, or gave up: all a
+        # stop may wait for is a step the broker never took.
         await bounded_close(
             self.stop(),
             step="flush the job journal",
@@ -340,7 +344,11 @@ class JobJournal:
         )
 
     async def record(self, state: str, **fields: Any) -> None:
-        """Publish one lifecycle step and wait for the broker's acknowledgement."""
+        """Publish one lifecycle step and wait for the broker's acknowledgement.
+
+        Raises:
+            BrokerError: no acknowledgement within :data:`RECORD_TIMEOUT_S`.
+        """
         if self._producer is None:
             raise RuntimeError("JobJournal.start() was not awaited")
         value = {
@@ -350,11 +358,19 @@ class JobJournal:
             "time_ms": time.time_ns() // 1_000_000,
             **fields,
         }
-        await self._producer.send_and_wait(
+        sending = self._producer.send_and_wait(
             self.settings.jobs_topic,
             value=json.dumps(value, sort_keys=True, default=str).encode(),
             key=self.job_id.encode(),
         )
+        try:
+            await asyncio.wait_for(sending, RECORD_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerError(
+                f"Kafka broker at {bootstrap_of(self.settings)} did not acknowledge "
+                f"the {state!r} step of job {self.job_id} on {self.settings.jobs_topic} "
+                f"within {RECORD_TIMEOUT_S:g}s; rerun to resume"
+            ) from None
         log.info("job.recorded", job_id=self.job_id, kind=self.kind, state=state)
 
     async def record_failure(self, error: BaseException) -> None:

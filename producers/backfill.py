@@ -79,7 +79,7 @@ from projections.l2 import HistoryRow, L2Reader, StoredRecord
 from projections.reader import Reader, WriteToken
 from strata.children import start_worker, stop_child
 from strata.config import Settings
-from strata.errors import StoreError, StrataError, UsageError
+from strata.errors import BrokerError, StoreError, StrataError, UsageError
 from strata.kafka import (
     BrokerWatch,
     broker_failure,
@@ -800,14 +800,24 @@ class Backfill:
             except Exception as exc:
                 await journal.record_failure(exc)
                 raise
-            await journal.record(
-                "completed",
-                migrated=report.migrated,
-                skipped=report.skipped,
-                mismatched=report.mismatched,
-                failed=report.failed,
-                published=report.published,
-            )
+            try:
+                await journal.record(
+                    "completed",
+                    migrated=report.migrated,
+                    skipped=report.skipped,
+                    mismatched=report.mismatched,
+                    failed=report.failed,
+                    published=report.published,
+                )
+            except BrokerError as exc:
+                # The job's own state file and report already say it is done.
+                log.warning(
+                    "backfill.completion_not_journaled",
+                    job_id=report.job_id,
+                    error=str(exc),
+                    consequence=f"the job is complete (see {self.report_path}); "
+                    "the jobs topic lacks its last step",
+                )
         return report
 
     async def _timed(self, report: BackfillReport, phase: str, work: Awaitable[T]) -> T:

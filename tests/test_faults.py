@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import KafkaError
 
+from consumers import replay
 from consumers.worker import Worker
 from producers.producer import MemoryProducer
 from projections.ledger import verify_ledger
@@ -24,6 +25,7 @@ from projections.registry import digests
 from strata.broker import broker_down, broker_up
 from strata.commands.rebuild import rebuild
 from strata.config import Settings
+from strata.errors import BrokerError
 from strata.kafka import ensure_topics
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
@@ -277,3 +279,34 @@ async def test_racing_writers_with_expected_versions(
     fresh = topics.model_copy(update={"data_dir": tmp_path / "replayed"})
     rebuilt = await rebuild(topics, fresh, show_progress=False)
     assert rebuilt["projections"] == digests(paths)
+
+
+async def test_a_job_step_the_broker_never_takes_fails_in_bounded_time(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal whose broker went away raises a BrokerError naming the step
+    instead of waiting forever, and closes without hanging either."""
+    monkeypatch.setattr(replay, "RECORD_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(replay, "JOURNAL_TIMEOUT_S", 2.0)
+    broker_dir = tmp_path / "own-broker"
+    info, _ = broker_up(broker_dir)
+    own = settings.model_copy(update={"kafka_bootstrap": info.bootstrap})
+    try:
+        await ensure_topics(own)
+        began = time.monotonic()
+
+        async def journal_across_the_outage() -> None:
+            async with replay.JobJournal(own, job_id="j-7", kind="test") as journal:
+                await journal.record("started")
+                broker_down(broker_dir)
+                await journal.record("completed")
+
+        with pytest.raises(BrokerError) as raised:
+            await journal_across_the_outage()
+        assert time.monotonic() - began < 60
+    finally:
+        broker_down(broker_dir)
+    assert str(raised.value) == (
+        f"Kafka broker at {info.bootstrap} did not acknowledge the 'completed' step "
+        f"of job j-7 on {own.jobs_topic} within 2s; rerun to resume"
+    )
