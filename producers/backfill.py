@@ -114,7 +114,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LATEST_MS = (
     datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH
 ) // timedelta(milliseconds=1)
-_NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?$")
+_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+#: Digits beyond which a number is no time a memory can hold (ms up to 9999).
+_MAX_DIGITS = 18
+_RANGE_TEXT = "1970-01-01 to 9999-12-31, the times a memory can hold"
 # Publishing waits for acknowledgements in groups of this many, bounding memory.
 _IN_FLIGHT = 1000
 #: Records looked up in L2 together, and between progress updates.
@@ -199,10 +202,17 @@ def parse_time_ms(value: object) -> int | None:
     """
     if value is None:
         return None
-    if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
-        value = float(value)
+    given = value
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        text = value.strip()
+        if len(text) > _MAX_DIGITS:
+            raise ValueError(f"{_clip(text)} is outside {_RANGE_TEXT}")
+        value = float(text) if "." in text else int(text)
     if isinstance(value, bool):
         raise ValueError("expected ISO 8601 text or a Unix time, got a boolean")
+    if isinstance(value, int) and abs(value) > 10**_MAX_DIGITS:
+        # Larger than any float: checked before anything converts it.
+        raise ValueError(f"{_clip(given)} is outside {_RANGE_TEXT}")
     if isinstance(value, int | float):
         if not math.isfinite(value):
             raise ValueError(f"{value} is not a time")
@@ -224,9 +234,7 @@ def parse_time_ms(value: object) -> int | None:
 
 def _in_range(time_ms: int, given: object) -> int:
     if not 0 <= time_ms <= _LATEST_MS:
-        raise ValueError(
-            f"{given!r} is outside 1970-01-01 to 9999-12-31, the times a memory can hold"
-        )
+        raise ValueError(f"{_clip(given)} is outside {_RANGE_TEXT}")
     return time_ms
 
 
@@ -257,6 +265,8 @@ def _file_type(mode: int) -> str:
         return "a socket"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
     return "not a regular file"
 
 
@@ -732,19 +742,8 @@ class Backfill:
             math.isfinite(self.max_rate) and self.max_rate > 0
         ):
             raise UsageError(f"--max-rate {self.max_rate}: must be a positive number")
-        parent = self.report_path.parent
-        if self.report_path.is_dir():
-            raise UsageError(
-                f"--report {self.report_path}: is a folder; give the report file's path"
-            )
-        if parent != self.paths.jobs and not parent.is_dir():
-            raise UsageError(
-                f"--report {self.report_path}: folder {parent} does not exist"
-            )
-        if parent != self.paths.jobs and not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(
-                f"--report {self.report_path}: folder {parent} is not writable"
-            )
+        if self.report_path.parent != self.paths.jobs:
+            _check_report_path(self.report_path)
 
     async def run(self) -> BackfillReport:
         """Run the job to the end, resuming an unfinished one.
@@ -1224,6 +1223,42 @@ def _read_back(
     if item.time_ms is not None and memory.updated_ms != item.time_ms:
         fields.append("created_at")
     return f"read back differs in {', '.join(fields)}" if fields else None
+
+
+def _check_report_path(path: Path) -> None:
+    """Refuse a report path that cannot take a report, before the job runs.
+
+    The report replaces its file by rename, so the path must be a regular
+    file or nothing yet (a rename over a device or a link would replace it);
+    and its folder must take a new file, which only trying tells for sure.
+
+    Raises:
+        UsageError: it cannot.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise UsageError(f"--report {path}: {exc.strerror}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UsageError(f"--report {path}: is a folder; give the report file's path")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(
+            f"--report {path}: is {_file_type(mode)}, not a regular file; "
+            "the report would replace it"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"--report {path}: folder {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise UsageError(
+            f"--report {path}: folder {parent} cannot take a file ({exc.strerror})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

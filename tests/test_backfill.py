@@ -334,6 +334,16 @@ def test_backfill_of_a_missing_folder_is_a_usage_error(
             "--report {tmp}: is a folder; give the report file's path",
         ),
         (
+            ["--report", "/dev/null"],
+            "--report /dev/null: is a device, not a regular file; the report would "
+            "replace it",
+        ),
+        (
+            ["--report", "/sys/report.json"],
+            "--report /sys/report.json: folder /sys cannot take a file "
+            "(Permission denied)",
+        ),
+        (
             ["--report", "{tmp}/no/such/report.json"],
             "--report {tmp}/no/such/report.json: folder {tmp}/no/such does not exist",
         ),

@@ -21,6 +21,8 @@ from producers.backfill import (
 )
 
 LIMIT = 1024
+#: 1700000000 in full-width digits: digits to Unicode, not to a Unix time.
+FULL_WIDTH_DIGITS = "\uff11\uff17" + "\uff10" * 8
 
 
 def _write(root: Path, rel: str, doc: Any) -> None:
@@ -166,6 +168,21 @@ def test_jsonl_lines_are_numbered_and_blank_lines_skipped(tmp_path: Path) -> Non
             "invalid_field",
             "field meta.created_at: 1e+300 is outside 1970-01-01 to 9999-12-31, "
             "the times a memory can hold",
+        ),
+        (
+            {"payload": "x", "meta": {"created_at": 10**400}, "cls": "chat"},
+            "invalid_field",
+            f"field meta.created_at: {str(10**400)[:77]}... is outside 1970-01-01 "
+            "to 9999-12-31, the times a memory can hold",
+        ),
+        (
+            {
+                "payload": "x",
+                "meta": {"created_at": FULL_WIDTH_DIGITS},
+                "cls": "chat",
+            },
+            "invalid_field",
+            f"field meta.created_at: {FULL_WIDTH_DIGITS!r} is not an ISO 8601 time",
         ),
         (
             {"payload": "x", "meta": {"created_at": -5}, "cls": "chat"},
