@@ -43,6 +43,7 @@ from strata.errors import (
     ErasedError,
     KeyUnavailableError,
     KmsUnavailableError,
+    StoreError,
 )
 from strata.kms import (
     Kms,
@@ -188,8 +189,11 @@ def key_id_for(tenant: str) -> str:
     return "tk_" + hashlib.sha256(b"strata/key-id/" + tenant.encode()).hexdigest()[:20]
 
 
+_KMS_KEY_PREFIX = "strata-"
+
+
 def _kms_key_name(key_id: str) -> str:
-    return f"strata-{key_id}"
+    return f"{_KMS_KEY_PREFIX}{key_id}"
 
 
 def _wrap_context(key_id: str, version: int) -> bytes:
@@ -285,6 +289,8 @@ class Keyring:
 
     def _doc(self) -> dict[str, Any]:
         doc = self._state.read()
+        if not doc["tenants"]:
+            self._refuse_lost_keystore()
         if doc.get("format") != FORMAT:
             has = (
                 f"format {doc['format']}"
@@ -296,6 +302,28 @@ class Keyring:
                 f"format {FORMAT} (start from a fresh data dir)"
             )
         return doc
+
+    def _refuse_lost_keystore(self) -> None:
+        """Refuse to start a keystore afresh where one has been lost.
+
+        A new keystore would make new data keys under the same key ids, and
+        every record sealed so far would stop decrypting, without a word. The
+        KMS still holding tenants' keys is the evidence (a KMS that cannot
+        list its keys gives none).
+
+        Raises:
+            StoreError: the keystore file is missing and the KMS holds keys.
+        """
+        if self._state.path.exists():
+            return
+        held = [n for n in self.kms.key_names() if n.startswith(_KMS_KEY_PREFIX)]
+        if held:
+            raise StoreError(
+                f"{self._state.path} is missing, but the KMS ({self.kms.describe()}) "
+                f"holds the keys of {len(held)} tenant(s): restore the keystore; a "
+                "new one would leave every record sealed so far unreadable (if this "
+                "data dir never held records, remove the KMS's keys to start afresh)"
+            )
 
     def _tenant(self, tenant: str) -> dict[str, Any] | None:
         entry: dict[str, Any] | None = self._doc()["tenants"].get(tenant)

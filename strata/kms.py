@@ -92,6 +92,10 @@ class Kms(Protocol):
         """Create the named key-encryption key if it does not exist."""
         ...
 
+    def key_names(self) -> list[str]:
+        """The names of the keys it holds; empty when it cannot list them."""
+        ...
+
     def wrap(self, name: str, plaintext: bytes, context: bytes) -> str:
         """Encrypt key material under the latest version of the named key."""
         ...
@@ -349,6 +353,10 @@ class LocalKms:
     def close(self) -> None:
         """Nothing to release: files are opened per call."""
 
+    def key_names(self) -> list[str]:
+        """The names of every key in the key file."""
+        return sorted(self._state.read()["keys"])
+
     def create_key(self, name: str) -> None:
         """Create the named key if it does not exist."""
         check_key_name(name)
@@ -521,6 +529,11 @@ class RemoteKms:
             KmsUnavailableError: it did not, within the bound on attempts.
         """
         self._call("health", "GET", "/v1/sys/health")
+
+    def key_names(self) -> list[str]:
+        """Nothing: listing keys needs more than the wrap and unwrap rights
+        Strata asks of a remote KMS."""
+        return []
 
     def create_key(self, name: str) -> None:
         """Create the named key (AES-256-GCM, derived, so a context is required).

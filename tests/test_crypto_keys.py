@@ -381,3 +381,24 @@ def test_a_damaged_local_kms_file_is_refused_naming_the_field(tmp_path: Path) ->
     assert str(raised.value) == (
         f"{path}: damaged: keys.{name}.versions.1.wrapped: expected a string, got an integer"
     )
+
+
+def test_a_lost_keystore_is_not_started_afresh(tmp_path: Path) -> None:
+    """keystore.json moved away while the KMS holds tenants' keys: writes and
+    reads are refused naming the file, instead of new keys under the old ids
+    that would leave every earlier record unreadable; restored, all is well."""
+    first = _ring(tmp_path).primary("acme")
+    path = tmp_path / "keys" / "keystore.json"
+    aside = tmp_path / "keystore-aside.json"
+    path.rename(aside)
+    fresh = _ring(tmp_path)
+    for use in (lambda: fresh.primary("acme"), lambda: fresh.data_key("acme", 1)):
+        with pytest.raises(StoreError) as raised:
+            use()
+        assert str(raised.value).startswith(
+            f"{path} is missing, but the KMS (local:{tmp_path / 'keys'}) holds the "
+            "keys of 1 tenant(s): restore the keystore"
+        )
+    assert not path.exists()
+    aside.rename(path)
+    assert _ring(tmp_path).data_key("acme", 1).material == first.material
