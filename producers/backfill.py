@@ -756,7 +756,11 @@ class Backfill:
         """
         began = time.monotonic()
         self._check_input()
-        with exclusive(self.state_path.with_suffix(".lock"), "backfill of this export"):
+        # One lock per export, whatever --tenant or --source: runs of the same
+        # files with other options would publish the same records twice.
+        export_key = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        lock = self.paths.jobs / f"backfill-export-{export_key}.lock"
+        with exclusive(lock, "backfill of this export"):
             return await self._run(began)
 
     async def _run(self, began: float) -> BackfillReport:

@@ -50,6 +50,8 @@ def check_class(cls: str) -> str:
 
 def check_agent(agent: str) -> str:
     """An agent name is 1-256 characters without control characters."""
-    if not agent or len(agent) > 256 or any(ord(ch) < 0x20 for ch in agent):
-        raise UsageError(f"agent {agent!r}: use 1-256 printable characters")
+    if not agent.strip() or len(agent) > 256 or any(ord(ch) < 0x20 for ch in agent):
+        raise UsageError(
+            f"agent {agent!r}: use 1-256 printable characters, not only spaces"
+        )
     return agent

@@ -280,8 +280,13 @@ async def test_killed_backfill_resumes_to_the_same_counts(
         assert [" ".join(h.cmdline()[-4:]) for h in helpers] == [
             f"strata worker --group {topics.topic_prefix}.backfill"
         ]
+        # Another --tenant is the same export all the same.
         second = subprocess.run(
-            _command(export), env=cli_env, capture_output=True, timeout=60, check=False
+            [*_command(export)[:-3], "--tenant", "another", "--json"],
+            env=cli_env,
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
         assert second.returncode == 2
         assert second.stdout == b""
@@ -326,7 +331,14 @@ def test_backfill_of_a_missing_folder_is_a_usage_error(
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
-        (["--agent", ""], "agent '': use 1-256 printable characters"),
+        (
+            ["--agent", ""],
+            "agent '': use 1-256 printable characters, not only spaces",
+        ),
+        (
+            ["--agent", "  "],
+            "agent '  ': use 1-256 printable characters, not only spaces",
+        ),
         (["--max-rate", "nan"], "--max-rate nan: must be a positive number"),
         (["--max-rate", "0"], "--max-rate 0.0: must be a positive number"),
         (
