@@ -651,7 +651,13 @@ def main() -> None:
         kafka_errors = sys.modules.get("aiokafka.errors")
         if kafka_errors is None or not isinstance(exc, kafka_errors.KafkaError):
             raise
-        sys.stderr.write(f"strata: Kafka: {type(exc).__name__}: {exc}\n")
+        hint = (
+            "; STRATA_MAX_PAYLOAD_BYTES may be above what the topic was created "
+            "to accept (its max.message.bytes)"
+            if type(exc).__name__ == "MessageSizeTooLargeError"
+            else ""
+        )
+        sys.stderr.write(f"strata: Kafka: {type(exc).__name__}: {exc}{hint}\n")
         sys.exit(BrokerError.exit_code)
     if code == 130:  # the framework's exit status for an interrupt
         if _Terminated.received:

@@ -132,6 +132,11 @@ def keystore_problem(doc: Any) -> str | None:
                 )
             if info.get("encryptions", 0) < 0:
                 return f"{at}.encryptions: {info['encryptions']} is negative"
+            if info.get("encryptions", 0) > MAX_ENCRYPTIONS:
+                return (
+                    f"{at}.encryptions: {info['encryptions']} is more than a version "
+                    f"may ever make ({MAX_ENCRYPTIONS})"
+                )
             if info["state"] == ACTIVE and "wrapped" not in info:
                 return f"{at}.wrapped: missing, and the version is active"
         if not entry.get("erased") and str(entry["primary"]) not in versions:
@@ -684,11 +689,13 @@ class Keyring:
             raise
         except KeyUnavailableError as exc:
             raise KeyUnavailableError(
-                f"key version {version} of {tenant!r} does not unwrap: {exc}"
+                f"key version {version} of {tenant!r} does not unwrap ({self._state.path}: "
+                f"tenants.{tenant}.versions.{version}.wrapped): {exc}"
             ) from exc
         if len(material) != KEY_SIZE:
             raise KeyUnavailableError(
-                f"key version {version} of {tenant!r} unwraps to the wrong size"
+                f"key version {version} of {tenant!r} unwraps to the wrong size "
+                f"({self._state.path}: tenants.{tenant}.versions.{version}.wrapped)"
             )
         return material
 

@@ -336,6 +336,18 @@ def test_a_keystore_without_a_format_is_refused_saying_so(tmp_path: Path) -> Non
         ),
         (
             _one_version(
+                {
+                    "state": "active",
+                    "created_ms": 1,
+                    "wrapped": "w",
+                    "encryptions": 2**70,
+                }
+            ),
+            f"tenants.acme.versions.1.encryptions: {2**70} is more than a version may "
+            f"ever make ({2**32})",
+        ),
+        (
+            _one_version(
                 {"state": "active", "created_ms": 1, "wrapped": "w"}, primary=2
             ),
             "tenants.acme.primary: version 2 is not among its versions",
