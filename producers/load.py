@@ -7,9 +7,11 @@ import random
 import time
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from producers.producer import MemoryProducer
 from strata.config import Settings
-from strata.kafka import ensure_topics
+from strata.kafka import BrokerWatch, broker_failure, ensure_topics, pinned
 from strata.keystore import open_keystore
 
 _CLASSES = ("chat", "ops", "research", "legal", "finance", "pii")
@@ -30,27 +32,39 @@ async def publish_synthetic(
     Returns counts, seconds and the rate. At most ``in_flight`` sends are
     unacknowledged at once, which bounds memory.
     """
+    settings = pinned(settings)
     await ensure_topics(settings)
     rng = random.Random(seed)  # noqa: S311 - repeatable synthetic data
     keystore = open_keystore(settings)
     began = time.perf_counter()
-    async with MemoryProducer(settings, keystore) as producer:
-        pending: list[asyncio.Future[Any]] = []
-        for i in range(events):
-            tenant = f"tenant-{i % tenants:03d}"
-            key = f"load/{rng.randrange(keys):06d}"
-            event = producer.seal_write(
-                tenant,
-                key,
-                rng.randbytes(size),
-                cls=_CLASSES[i % len(_CLASSES)],
-                agent="load",
-            )
-            pending.append(await producer.publish(event))
-            if len(pending) >= in_flight:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
+    acknowledged = 0
+    watch = BrokerWatch(
+        settings, "publishing synthetic writes", then="nothing resumes a load"
+    )
+    try:
+        async with MemoryProducer(settings, keystore) as producer:
+            pending: list[asyncio.Future[Any]] = []
+            for i in range(events):
+                tenant = f"tenant-{i % tenants:03d}"
+                key = f"load/{rng.randrange(keys):06d}"
+                event = producer.seal_write(
+                    tenant,
+                    key,
+                    rng.randbytes(size),
+                    cls=_CLASSES[i % len(_CLASSES)],
+                    agent="load",
+                )
+                pending.append(await producer.publish(event))
+                if len(pending) >= in_flight:
+                    await watch.wait(asyncio.gather(*pending))
+                    acknowledged += len(pending)
+                    pending.clear()
+            await watch.wait(asyncio.gather(*pending))
+    except KafkaError as exc:
+        doing = f"publishing synthetic writes ({acknowledged} of {events} acknowledged)"
+        raise broker_failure(
+            settings, doing, exc, then="nothing resumes a load"
+        ) from exc
     seconds = time.perf_counter() - began
     return {
         "events": events,

@@ -230,11 +230,13 @@ def missing_topic(settings: Settings, topic: str) -> UsageError:
     )
 
 
-def broker_failure(settings: Settings, doing: str, exc: KafkaError) -> BrokerError:
+def broker_failure(
+    settings: Settings, doing: str, exc: KafkaError, *, then: str = "rerun to resume"
+) -> BrokerError:
     """The error a job raises when a Kafka client gave up while it was ``doing``."""
     return BrokerError(
         f"Kafka broker at {bootstrap_of(settings)} failed while {doing}: "
-        f"{type(exc).__name__}: {exc}; rerun to resume"
+        f"{type(exc).__name__}: {exc}; {then}"
     )
 
 
@@ -252,6 +254,7 @@ class BrokerWatch:
     Args:
         settings: where the broker is (resolved now: see :func:`pinned`).
         doing: what the job was doing, for the error ("publishing the export").
+        then: what the error tells the user to do.
     """
 
     def __init__(
@@ -261,9 +264,11 @@ class BrokerWatch:
         *,
         stall_s: float = 15.0,
         probe_s: float = 10.0,
+        then: str = "rerun to resume",
     ) -> None:
         self.settings = pinned(settings)
         self.doing = doing
+        self.then = then
         self.stall_s = stall_s
         self.probe_s = probe_s
         self._moved_at = time.monotonic()
@@ -291,8 +296,7 @@ class BrokerWatch:
         except (BrokerError, TimeoutError) as exc:
             raise BrokerError(
                 f"Kafka broker at {bootstrap_of(self.settings)} stopped answering "
-                f"while {self.doing} (nothing moved for {stalled:.0f}s); "
-                "rerun to resume"
+                f"while {self.doing} (nothing moved for {stalled:.0f}s); {self.then}"
             ) from exc
         self.moved()  # it answered: give the work another while
 
