@@ -25,6 +25,7 @@ from strata.config import Settings
 from strata.crypto import associated_data, seal_parts
 from strata.errors import UsageError
 from strata.kafka import (
+    BrokerWatch,
     bootstrap_of,
     bounded_close,
     existing_end_offsets,
@@ -95,6 +96,7 @@ class MemoryProducer:
         self._partitions: int | None = None
         self._batcher: Batcher | None = None
         self._checked: set[tuple[str, str, str]] = set()
+        self._watch: BrokerWatch | None = None
 
     async def start(self) -> None:
         """Connect to the broker.
@@ -239,7 +241,8 @@ class MemoryProducer:
         Raises:
             UsageError: a name or the payload size is not acceptable.
             ErasedError: the tenant was erased.
-            KafkaError: the broker did not acknowledge the write.
+            KafkaError: the broker refused the write.
+            BrokerError: the broker stopped answering before acknowledging it.
         """
         event = self.seal_write(
             tenant,
@@ -250,7 +253,7 @@ class MemoryProducer:
             expected_version=expected_version,
             metadata=metadata,
         )
-        return await (await self.publish(event))
+        return await self._acknowledged(await self.publish(event))
 
     async def delete(
         self,
@@ -274,7 +277,16 @@ class MemoryProducer:
             time_ms=now_ms(),
             expected_version=expected_version,
         )
-        return await (await self.publish(event))
+        return await self._acknowledged(await self.publish(event))
+
+    async def _acknowledged(self, sent: asyncio.Future[WriteToken]) -> WriteToken:
+        """Wait for one event's acknowledgement, giving up once the broker is gone."""
+        if self._watch is None:
+            self._watch = BrokerWatch(
+                self.settings, "waiting for a write's acknowledgement"
+            )
+        self._watch.moved()
+        return await self._watch.wait(sent)
 
     async def publish(self, event: Event) -> asyncio.Future[WriteToken]:
         """Queue one event; the returned future resolves to its token on ack.
