@@ -160,6 +160,42 @@ def run_cli(
     return done.returncode, json.loads(done.stdout)
 
 
+def refused(env: dict[str, str], command: list[str]) -> list[str]:
+    """Run a command that must be refused (exit 2, nothing on stdout); its stderr lines."""
+    done = subprocess.run(
+        command, env=env, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    assert done.stdout == b""
+    return done.stderr.decode().strip().splitlines()
+
+
+def start_slow_backfill(
+    env: dict[str, str], export: Path, *, stderr: int
+) -> subprocess.Popen[bytes]:
+    """A backfill publishing 150 records a second, slow enough to interrupt."""
+    return subprocess.Popen(
+        _command(export, "--max-rate", "150"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        preexec_fn=_restricted(),
+    )
+
+
+async def wait_published(
+    proc: subprocess.Popen[bytes], settings: Settings, at_least: int
+) -> None:
+    """Wait until the memory topic holds ``at_least`` events, the run still going."""
+    deadline = time.monotonic() + 60
+    while (
+        sum((await end_offsets(settings, [settings.memory_topic])).values()) < at_least
+    ):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
 async def memory_events(settings: Settings) -> list[MemoryWritten]:
     """Every event on the memory topic."""
     ends = await end_offsets(settings, [settings.memory_topic])
@@ -260,37 +296,16 @@ async def test_killed_backfill_resumes_to_the_same_counts(
     uninterrupted run reports."""
     export = tmp_path / "export"
     make_export(export)
-    proc = subprocess.Popen(
-        _command(export, "--max-rate", "150"),
-        env=cli_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_restricted(),
-    )
+    proc = start_slow_backfill(cli_env, export, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        published = 0
-        while published < 60:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-            offsets = await end_offsets(topics, [topics.memory_topic])
-            published = sum(offsets.values())
+        await wait_published(proc, topics, 60)
         helpers = psutil.Process(proc.pid).children()
         assert [" ".join(h.cmdline()[-4:]) for h in helpers] == [
             f"strata worker --group {topics.topic_prefix}.backfill"
         ]
         # Another --tenant is the same export all the same.
-        second = subprocess.run(
-            [*_command(export)[:-3], "--tenant", "another", "--json"],
-            env=cli_env,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert second.returncode == 2
-        assert second.stdout == b""
-        assert b"another backfill of this export is running" in second.stderr
+        [second] = refused(cli_env, [*_command(export)[:-3], "--tenant", "x", "--json"])
+        assert "another backfill of this export is running" in second
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
         # The projecting helper does not outlive the job.
@@ -318,12 +333,7 @@ def test_backfill_of_a_missing_folder_is_a_usage_error(
 ) -> None:
     """Exit 2, one line on stderr naming the option and the path."""
     missing = tmp_path / "nowhere"
-    done = subprocess.run(
-        _command(missing), env=cli_env, capture_output=True, timeout=60, check=False
-    )
-    assert done.returncode == 2
-    assert done.stdout == b""
-    assert done.stderr.decode().strip().splitlines() == [
+    assert refused(cli_env, _command(missing)) == [
         f"strata: --from-dir {missing}: not a folder"
     ]
 
@@ -368,18 +378,8 @@ def test_bad_backfill_options_are_refused_before_anything_runs(
     export = tmp_path / "export"
     make_export(export)
     before = sorted(tmp_path.rglob("*"))
-    done = subprocess.run(
-        _command(export, *(e.format(tmp=tmp_path) for e in extra)),
-        env=cli_env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert done.stdout == b""
-    assert done.stderr.decode().strip().splitlines() == [
-        f"strata: {says.format(tmp=tmp_path)}"
-    ]
+    command = _command(export, *(e.format(tmp=tmp_path) for e in extra))
+    assert refused(cli_env, command) == [f"strata: {says.format(tmp=tmp_path)}"]
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -396,21 +396,9 @@ async def test_backfill_whose_broker_goes_away_stops_and_resumes(
     own = settings.model_copy(update={"kafka_bootstrap": info.bootstrap})
     env = {**cli_env, "STRATA_KAFKA_BOOTSTRAP": info.bootstrap}
     try:
-        proc = subprocess.Popen(
-            _command(export, "--max-rate", "150"),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_restricted(),
-        )
+        proc = start_slow_backfill(env, export, stderr=subprocess.PIPE)
         try:
-            published = 0
-            deadline = time.monotonic() + 60
-            while published < 60:
-                assert proc.poll() is None, "the run ended before the broker stopped"
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-                published = sum((await end_offsets(own, [own.memory_topic])).values())
+            await wait_published(proc, own, 60)
             helpers = psutil.Process(proc.pid).children()
             broker_down(broker_dir)
             _, stderr = await asyncio.to_thread(proc.communicate, timeout=180)
