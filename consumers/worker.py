@@ -186,10 +186,12 @@ class Worker:
 
         Raises:
             BrokerError: the broker cannot be reached at start.
-            StoreError: a store cannot be opened at start.
+            StoreError: a store cannot be opened at start, or the keystore is
+                damaged or lost.
         """
         bootstrap = bootstrap_of(self.settings)
         topic = self.settings.memory_topic
+        self.keystore.check()
         ends = await existing_end_offsets(self.settings, topic)
         targets = (
             {tp.partition: off for tp, off in ends.items()}

@@ -308,6 +308,15 @@ class Keyring:
             )
         return doc
 
+    def check(self) -> None:
+        """Read the keystore now, so damage is reported before any work starts.
+
+        Raises:
+            StoreError: the file is damaged, or lost while the KMS holds keys.
+            ConfigError: it has another format.
+        """
+        self._doc()
+
     def _refuse_lost_keystore(self) -> None:
         """Refuse to start a keystore afresh where one has been lost.
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from projections.l2 import L2Projection
+from strata.config import Settings
 from strata.paths import StorePaths
 
 
@@ -91,3 +92,25 @@ def test_a_broker_nobody_listens_on_is_one_line_at_once(
         f"strata: Kafka broker at 127.0.0.1:{port} unreachable: "
     )
     assert done.stdout == ""
+
+
+def test_a_worker_with_nothing_to_do_still_reports_a_damaged_or_lost_keystore(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """Damage is named at start, not only once an event needs a key."""
+    assert _strata(cli_env, "write", "acme", "k", "v").returncode == 0
+    caught_up = _strata(cli_env, "worker", "--until-caught-up")
+    assert caught_up.returncode == 0, caught_up.stderr[-2000:]
+    keystore = StorePaths(topics.data_dir).keys / "keystore.json"
+    kept = keystore.read_bytes()
+    keystore.write_bytes(b"\x00junk")
+    damaged = _strata(cli_env, "worker", "--until-caught-up")
+    keystore.unlink()
+    lost = _strata(cli_env, "worker", "--until-caught-up")
+    keystore.write_bytes(kept)
+    again = _strata(cli_env, "worker", "--until-caught-up")
+    for done, says in ((damaged, ": damaged: not JSON"), (lost, " is missing, but")):
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.startswith(f"strata: {keystore}{says}"), done.stderr
+        assert done.stderr.count("\n") == 1
+    assert again.returncode == 0, again.stderr[-2000:]
