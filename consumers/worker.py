@@ -66,9 +66,9 @@ WAL_CHECKPOINT_INTERVAL_S = 1.0
 #: instead of paying every follower's syncs for each one. Reads wait on L2
 #: alone, so this delays commits, never readability.
 FOLLOWER_INTERVAL_S = 0.05
-#: On stop, the final commit and leaving the group wait at most this long: a
-#: broker that is gone must not keep a stopping worker alive. Nothing is lost
-#: when they give up, as the next owner resumes from the checkpoints.
+#: A commit, and on stop leaving the group, wait at most this long: a broker
+#: that is gone must not keep a worker stuck or a stopping one alive. Nothing
+#: is lost when they give up, as the next owner resumes from the checkpoints.
 CLOSE_TIMEOUT_S = 5.0
 
 
@@ -369,13 +369,15 @@ class Worker:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
+            # Bounded: aiokafka retries a commit until a coordinator answers,
+            # and a revoke waits on it while holding the batch lock.
+            await asyncio.wait_for(consumer.commit(offsets), CLOSE_TIMEOUT_S)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
             # The projections' own checkpoints are the truth; a lost commit only
             # means the next owner seeks from those.
             log.warning(
                 "worker.commit_failed",
-                error=str(exc),
+                error=str(exc) or f"no answer within {CLOSE_TIMEOUT_S:g}s",
                 consequence="next owner resumes from the projection checkpoints",
             )
 
