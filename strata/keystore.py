@@ -729,7 +729,17 @@ class Keyring:
 
     def _new_tenant(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
         key_id = key_id_for(tenant)
-        self.kms.create_key(_kms_key_name(key_id))
+        name = _kms_key_name(key_id)
+        if name in self.kms.key_names():
+            # The KMS key outlived the tenant's entry: the entry was lost, and
+            # a new data key under the same id would strand what it sealed.
+            raise StoreError(
+                f"{self._state.path} has no entry for tenant {tenant!r}, but the KMS "
+                f"({self.kms.describe()}) holds its key {name}: restore the keystore; "
+                "a new entry would leave the tenant's records unreadable (if it never "
+                "held records, delete that KMS key to start it afresh)"
+            )
+        self.kms.create_key(name)
         entry: dict[str, Any] = {"key_id": key_id, "primary": 1, "versions": {}}
         self._add_version(entry, tenant, job_id=None)
         doc["tenants"][tenant] = entry

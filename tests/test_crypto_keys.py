@@ -414,3 +414,24 @@ def test_a_lost_keystore_is_not_started_afresh(tmp_path: Path) -> None:
     assert not path.exists()
     aside.rename(path)
     assert _ring(tmp_path).data_key("acme", 1).material == first.material
+
+
+def test_a_tenant_entry_lost_from_the_keystore_is_not_made_afresh(
+    tmp_path: Path,
+) -> None:
+    """The KMS still holds the tenant's key: a new entry would strand its records."""
+    ring = _ring(tmp_path)
+    ring.primary("acme")
+    ring.primary("globex")
+    path = tmp_path / "keys" / "keystore.json"
+    doc = json.loads(path.read_text())
+    del doc["tenants"]["acme"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError) as raised:
+        _ring(tmp_path).primary("acme")
+    assert str(raised.value).startswith(
+        f"{path} has no entry for tenant 'acme', but the KMS "
+        f"(local:{tmp_path / 'keys'}) holds its key strata-tk_"
+    )
+    assert "acme" not in json.loads(path.read_text())["tenants"]
+    _ring(tmp_path).primary("initech")  # a tenant that never had keys is fine
