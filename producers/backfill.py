@@ -744,6 +744,11 @@ class Backfill:
             raise UsageError(f"--max-rate {self.max_rate}: must be a positive number")
         if self.report_path.parent != self.paths.jobs:
             _check_report_path(self.report_path)
+            if self.report_path.resolve().is_relative_to(self.root):
+                raise UsageError(
+                    f"--report {self.report_path}: is inside the export "
+                    f"{self.root}; the report would overwrite or join its records"
+                )
 
     async def run(self) -> BackfillReport:
         """Run the job to the end, resuming an unfinished one.
@@ -1252,6 +1257,13 @@ def _check_report_path(path: Path) -> None:
             f"--report {path}: is {_file_type(mode)}, not a regular file; "
             "the report would replace it"
         )
+    if mode is not None:
+        try:  # an immutable file refuses this, as it would refuse the report
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as exc:
+            raise UsageError(
+                f"--report {path}: cannot be replaced ({exc.strerror})"
+            ) from None
     parent = path.parent
     if not parent.is_dir():
         raise UsageError(f"--report {path}: folder {parent} does not exist")

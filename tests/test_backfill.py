@@ -356,6 +356,11 @@ def test_backfill_of_a_missing_folder_is_a_usage_error(
             "--report {tmp}: is a folder; give the report file's path",
         ),
         (
+            ["--report", "{tmp}/export/records/r__chat.json"],
+            "--report {tmp}/export/records/r__chat.json: is inside the export "
+            "{tmp}/export; the report would overwrite or join its records",
+        ),
+        (
             ["--report", "/dev/null"],
             "--report /dev/null: is a device, not a regular file; the report would "
             "replace it",
@@ -424,3 +429,22 @@ async def test_backfill_whose_broker_goes_away_stops_and_resumes(
     assert result["resumed"] is True
     assert _counts(result) == (500, 0, 0, 5)
     assert history_duplicates(StorePaths(own.data_dir).l2_db) == []
+
+
+def test_a_report_file_that_cannot_be_replaced_is_refused_up_front(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    export = tmp_path / "export"
+    make_export(export)
+    report = tmp_path / "kept.json"
+    report.write_text("{}")
+    if subprocess.run(["chattr", "+i", str(report)], check=False).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        lines = refused(cli_env, _command(export, "--report", str(report)))
+    finally:
+        subprocess.run(["chattr", "-i", str(report)], check=True)
+    assert lines == [
+        f"strata: --report {report}: cannot be replaced (Operation not permitted)"
+    ]
+    assert report.read_text() == "{}"
