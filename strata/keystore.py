@@ -294,8 +294,6 @@ class Keyring:
 
     def _doc(self) -> dict[str, Any]:
         doc = self._state.read()
-        if not doc["tenants"]:
-            self._refuse_lost_keystore()
         if doc.get("format") != FORMAT:
             has = (
                 f"format {doc['format']}"
@@ -309,38 +307,49 @@ class Keyring:
         return doc
 
     def check(self) -> None:
-        """Read the keystore now, so damage is reported before any work starts.
+        """Read the keystore now, so damage or loss is reported before any work
+        starts (a worker with nothing to project would otherwise never look).
 
         Raises:
-            StoreError: the file is damaged, or lost while the KMS holds keys.
+            StoreError: the file is damaged, or missing while the KMS holds
+                tenants' keys.
             ConfigError: it has another format.
         """
-        self._doc()
+        if not self._doc()["tenants"]:
+            held = [n for n in self.kms.key_names() if n.startswith(_KMS_KEY_PREFIX)]
+            if held:
+                raise self._lost(f"the keys of {len(held)} tenant(s)")
 
-    def _refuse_lost_keystore(self) -> None:
-        """Refuse to start a keystore afresh where one has been lost.
+    def _refuse_lost_entry(self, tenant: str) -> None:
+        """Refuse a tenant the keystore does not know while the KMS holds its key.
 
-        A new keystore would make new data keys under the same key ids, and
-        every record sealed so far would stop decrypting, without a word. The
-        KMS still holding tenants' keys is the evidence (a KMS that cannot
-        list its keys gives none).
+        Its entry (or the whole file) was lost: making new data keys under the
+        same key id would leave every record sealed so far unreadable, without
+        a word. A KMS that cannot list its keys gives no such evidence.
 
         Raises:
-            StoreError: the keystore file is missing and the KMS holds keys.
+            StoreError: the KMS holds the tenant's key.
         """
-        if self._state.path.exists():
-            return
-        held = [n for n in self.kms.key_names() if n.startswith(_KMS_KEY_PREFIX)]
-        if held:
-            raise StoreError(
-                f"{self._state.path} is missing, but the KMS ({self.kms.describe()}) "
-                f"holds the keys of {len(held)} tenant(s): restore the keystore; a "
-                "new one would leave every record sealed so far unreadable (if this "
-                "data dir never held records, remove the KMS's keys to start afresh)"
+        name = _kms_key_name(key_id_for(tenant))
+        if name in self.kms.key_names():
+            raise self._lost(
+                f"the key of tenant {tenant!r} ({name})",
+                lacking=f"has no entry for tenant {tenant!r}",
             )
+
+    def _lost(self, held: str, *, lacking: str = "is empty") -> StoreError:
+        path = self._state.path
+        what = "is missing" if not path.exists() else lacking
+        return StoreError(
+            f"{path} {what}, but the KMS ({self.kms.describe()}) holds {held}: restore the "
+            "keystore; new keys would leave every record sealed so far unreadable "
+            "(if none was ever written, delete those KMS keys to start afresh)"
+        )
 
     def _tenant(self, tenant: str) -> dict[str, Any] | None:
         entry: dict[str, Any] | None = self._doc()["tenants"].get(tenant)
+        if entry is None:
+            self._refuse_lost_entry(tenant)
         return entry
 
     def is_erased(self, tenant: str) -> bool:
@@ -730,15 +739,7 @@ class Keyring:
     def _new_tenant(self, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
         key_id = key_id_for(tenant)
         name = _kms_key_name(key_id)
-        if name in self.kms.key_names():
-            # The KMS key outlived the tenant's entry: the entry was lost, and
-            # a new data key under the same id would strand what it sealed.
-            raise StoreError(
-                f"{self._state.path} has no entry for tenant {tenant!r}, but the KMS "
-                f"({self.kms.describe()}) holds its key {name}: restore the keystore; "
-                "a new entry would leave the tenant's records unreadable (if it never "
-                "held records, delete that KMS key to start it afresh)"
-            )
+        self._refuse_lost_entry(tenant)
         self.kms.create_key(name)
         entry: dict[str, Any] = {"key_id": key_id, "primary": 1, "versions": {}}
         self._add_version(entry, tenant, job_id=None)

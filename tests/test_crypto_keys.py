@@ -409,8 +409,15 @@ def test_a_lost_keystore_is_not_started_afresh(tmp_path: Path) -> None:
             use()
         assert str(raised.value).startswith(
             f"{path} is missing, but the KMS (local:{tmp_path / 'keys'}) holds the "
-            "keys of 1 tenant(s): restore the keystore"
+            "key of tenant 'acme' (strata-tk_"
         )
+        assert "restore the keystore" in str(raised.value)
+    with pytest.raises(StoreError) as raised:
+        fresh.check()  # what a worker does at start, with or without events
+    assert str(raised.value).startswith(
+        f"{path} is missing, but the KMS (local:{tmp_path / 'keys'}) holds the "
+        "keys of 1 tenant(s): restore the keystore"
+    )
     assert not path.exists()
     aside.rename(path)
     assert _ring(tmp_path).data_key("acme", 1).material == first.material
@@ -431,7 +438,9 @@ def test_a_tenant_entry_lost_from_the_keystore_is_not_made_afresh(
         _ring(tmp_path).primary("acme")
     assert str(raised.value).startswith(
         f"{path} has no entry for tenant 'acme', but the KMS "
-        f"(local:{tmp_path / 'keys'}) holds its key strata-tk_"
+        f"(local:{tmp_path / 'keys'}) holds the key of tenant 'acme' (strata-tk_"
     )
+    with pytest.raises(StoreError):
+        _ring(tmp_path).data_key("acme", 1)  # reads are refused alike
     assert "acme" not in json.loads(path.read_text())["tenants"]
     _ring(tmp_path).primary("initech")  # a tenant that never had keys is fine
