@@ -28,6 +28,7 @@ from producers.producer import producer_options
 from strata.config import Settings
 from strata.errors import BrokerError
 from strata.kafka import (
+    CLOSE_TIMEOUT_S,
     BrokerWatch,
     bootstrap_of,
     bounded_close,
@@ -214,10 +215,6 @@ class BoundedReplay:
                 batches = await consumer.getmany(
                     timeout_ms=500, max_records=self.max_batch
                 )
-                if batches:
-                    watch.moved()
-                else:
-                    await watch.check()
                 for tp, records in batches.items():
                     if tp.partition in pending:
                         await self._handle(tp.partition, records, goal, report, handle)
@@ -226,11 +223,12 @@ class BoundedReplay:
                         pending.discard(p)
                         consumer.pause(tps[p])
                 self._progress(report, began)
+                await watch.progress(sum(report.positions.values()))
         finally:
             await bounded_close(
                 consumer.stop(),
                 step="close the replay's consumer",
-                seconds=JOURNAL_TIMEOUT_S,
+                seconds=CLOSE_TIMEOUT_S,
                 consequence="none: its caller records how far the replay got",
             )
 

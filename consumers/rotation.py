@@ -63,6 +63,7 @@ from strata.errors import (
     UsageError,
 )
 from strata.kafka import (
+    ABANDON_AFTER_S,
     BrokerWatch,
     bootstrap_of,
     bounded_close,
@@ -83,8 +84,6 @@ KIND = "key-rotation"
 
 #: Batches re-encrypted ahead of the last one whose progress is recorded.
 _BATCHES_IN_FLIGHT = 4
-#: Leaving on an error, what is still unacknowledged gets this long.
-_ABANDON_AFTER_S = 10.0
 
 
 def reencryption_id(job_id: str, source_event_id: str) -> str:
@@ -474,7 +473,7 @@ class RotationJob:
                 await bounded_close(
                     closing,
                     step="flush the rotation's producer",
-                    seconds=_ABANDON_AFTER_S,
+                    seconds=ABANDON_AFTER_S,
                     consequence="a rerun publishes again what was not acknowledged",
                 )
         if not result.complete:

@@ -41,6 +41,7 @@ from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
 from strata.config import Settings
 from strata.errors import ApplyError, CodecError, StoreError, StrataError
 from strata.kafka import (
+    CLOSE_TIMEOUT_S,
     bootstrap_of,
     bounded_close,
     existing_end_offsets,
@@ -66,10 +67,6 @@ WAL_CHECKPOINT_INTERVAL_S = 1.0
 #: instead of paying every follower's syncs for each one. Reads wait on L2
 #: alone, so this delays commits, never readability.
 FOLLOWER_INTERVAL_S = 0.05
-#: A commit, and on stop leaving the group, wait at most this long: a broker
-#: that is gone must not keep a worker stuck or a stopping one alive. Nothing
-#: is lost when they give up, as the next owner resumes from the checkpoints.
-CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -248,7 +245,7 @@ class Worker:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             # Revoke is not called on stop(): commit what is done first.
-            await self._bounded("commit", self._commit(consumer, set(self._owned)))
+            await self._commit(consumer, set(self._owned))  # bounded itself
             await self._bounded("leave the group", consumer.stop())
         dlq, self._dlq = self._dlq, None
         if dlq is not None:

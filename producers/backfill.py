@@ -665,16 +665,8 @@ class _Acks:
 
     async def wait(self) -> None:
         """Wait for every pending acknowledgement; raise the first failure."""
-        waiting: set[asyncio.Future[WriteToken]] = set(self.pending)
-        self.pending.clear()
-        while waiting:
-            done, waiting = await asyncio.wait(waiting, timeout=1.0)
-            for future in done:
-                future.result()
-            if done:
-                self.watch.moved()
-            else:
-                await self.watch.check()
+        pending, self.pending = self.pending, []
+        await self.watch.wait(asyncio.gather(*pending))
 
 
 class Backfill:
@@ -743,12 +735,7 @@ class Backfill:
         ):
             raise UsageError(f"--max-rate {self.max_rate}: must be a positive number")
         if self.report_path.parent != self.paths.jobs:
-            _check_report_path(self.report_path)
-            if self.report_path.resolve().is_relative_to(self.root):
-                raise UsageError(
-                    f"--report {self.report_path}: is inside the export "
-                    f"{self.root}; the report would overwrite or join its records"
-                )
+            _check_report_path(self.report_path, self.root)
 
     async def run(self) -> BackfillReport:
         """Run the job to the end, resuming an unfinished one.
@@ -997,17 +984,12 @@ class Backfill:
         first = self._l2_checkpoints()
         total = sum(max(0, off - first.get(p, 0)) for p, off in targets.items())
         watch = BrokerWatch(self.settings, "projecting the export")
-        last = -1
         while helper.returncode is None:
             done = self._projected_since(targets, first)
             self._on_progress(BackfillProgress(phase, done, total))
             if done >= total:
                 return
-            if done != last:
-                last = done
-                watch.moved()
-            else:
-                await watch.check()
+            await watch.progress(done)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(helper.wait(), _HELPER_POLL_S)
 
@@ -1031,15 +1013,10 @@ class Backfill:
         self, phase: str, targets: dict[int, int], first: dict[int, int], total: int
     ) -> None:
         watch = BrokerWatch(self.settings, "projecting the export")
-        last = -1
         while True:
             done = self._projected_since(targets, first)
             self._on_progress(BackfillProgress(phase, done, total))
-            if done != last:
-                last = done
-                watch.moved()
-            else:
-                await watch.check()
+            await watch.progress(done)
             await asyncio.sleep(0.25)
 
     async def _scan_and_publish(
@@ -1234,45 +1211,50 @@ def _read_back(
     return f"read back differs in {', '.join(fields)}" if fields else None
 
 
-def _check_report_path(path: Path) -> None:
+def _check_report_path(path: Path, export: Path) -> None:
     """Refuse a report path that cannot take a report, before the job runs.
 
-    The report replaces its file by rename, so the path must be a regular
-    file or nothing yet (a rename over a device or a link would replace it);
-    and its folder must take a new file, which only trying tells for sure.
+    The report replaces its file by rename, so the path must be outside the
+    export (it would overwrite a record, or be read as one next time), and a
+    regular file that can be replaced (not a device, link or immutable file)
+    or nothing yet; its folder must take a new file, which only trying tells.
 
     Raises:
         UsageError: it cannot.
     """
+
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"--report {path}: {why}")
+
+    if path.resolve().is_relative_to(export):
+        raise refuse(
+            f"is inside the export {export}; the report would overwrite or join "
+            "its records"
+        )
     try:
-        mode = path.lstat().st_mode
+        mode: int | None = path.lstat().st_mode
     except FileNotFoundError:
         mode = None
     except OSError as exc:
-        raise UsageError(f"--report {path}: {exc.strerror}") from None
-    if mode is not None and stat.S_ISDIR(mode):
-        raise UsageError(f"--report {path}: is a folder; give the report file's path")
-    if mode is not None and not stat.S_ISREG(mode):
-        raise UsageError(
-            f"--report {path}: is {_file_type(mode)}, not a regular file; "
-            "the report would replace it"
-        )
+        raise refuse(str(exc.strerror)) from None
     if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise refuse("is a folder; give the report file's path")
+        if not stat.S_ISREG(mode):
+            raise refuse(
+                f"is {_file_type(mode)}, not a regular file; the report would replace it"
+            )
         try:  # an immutable file refuses this, as it would refuse the report
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
         except OSError as exc:
-            raise UsageError(
-                f"--report {path}: cannot be replaced ({exc.strerror})"
-            ) from None
+            raise refuse(f"cannot be replaced ({exc.strerror})") from None
     parent = path.parent
     if not parent.is_dir():
-        raise UsageError(f"--report {path}: folder {parent} does not exist")
+        raise refuse(f"folder {parent} does not exist")
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.")
     except OSError as exc:
-        raise UsageError(
-            f"--report {path}: folder {parent} cannot take a file ({exc.strerror})"
-        ) from None
+        raise refuse(f"folder {parent} cannot take a file ({exc.strerror})") from None
     os.close(fd)
     os.unlink(probe)
 

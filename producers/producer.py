@@ -25,6 +25,7 @@ from strata.config import Settings
 from strata.crypto import associated_data, seal_parts
 from strata.errors import UsageError
 from strata.kafka import (
+    ABANDON_AFTER_S,
     BrokerWatch,
     bootstrap_of,
     bounded_close,
@@ -47,10 +48,6 @@ def now_ms() -> int:
 #: (tenant, class, agent) triples remembered as valid, so a writer's
 #: repeated names are checked once.
 _CHECKED_NAMES = 4096
-#: Leaving on an error, pending messages get this long to be acknowledged:
-#: an idempotent aiokafka producer retries a batch for as long as the broker
-#: is away, and the error that ended the work should not wait on it forever.
-ABANDON_AFTER_S = 10.0
 
 
 def new_event_id() -> str:

@@ -654,7 +654,7 @@ def main() -> None:
         hint = (
             "; STRATA_MAX_PAYLOAD_BYTES may be above what the topic was created "
             "to accept (its max.message.bytes)"
-            if type(exc).__name__ == "MessageSizeTooLargeError"
+            if isinstance(exc, kafka_errors.MessageSizeTooLargeError)
             else ""
         )
         sys.stderr.write(f"strata: Kafka: {type(exc).__name__}: {exc}{hint}\n")

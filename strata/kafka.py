@@ -26,6 +26,14 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+#: A client step that waits on the broker (a commit, leaving a group, a
+#: closing consumer) gives up after this long when the broker may be gone.
+CLOSE_TIMEOUT_S = 5.0
+#: Leaving on an error, a producer's unacknowledged messages get this long: an
+#: idempotent aiokafka producer retries a batch for as long as the broker is
+#: away, and the error that ended the work should not wait on it forever.
+ABANDON_AFTER_S = 10.0
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def key_partition(message_key: bytes, partitions: int) -> int:
@@ -272,10 +280,20 @@ class BrokerWatch:
         self.stall_s = stall_s
         self.probe_s = probe_s
         self._moved_at = time.monotonic()
+        self._done = -1
 
     def moved(self) -> None:
         """The work advanced: the broker is evidently there."""
         self._moved_at = time.monotonic()
+
+    async def progress(self, done: int) -> None:
+        """Note how much work is done so far: :meth:`moved` if it grew since
+        the last call, else :meth:`check`."""
+        if done != self._done:
+            self._done = done
+            self.moved()
+        else:
+            await self.check()
 
     async def check(self) -> None:
         """Ask the broker whether it is there, if nothing moved for a while.

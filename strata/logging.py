@@ -52,7 +52,6 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
         )
     )
     handler.addFilter(QuietRepeats("aiokafka"))
-    handler.addFilter(_abandoned_kafka_futures)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -66,19 +65,6 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
 
 def _transient_filter(record: logging.LogRecord) -> bool:
     return "GroupCoordinatorNotAvailable" not in record.getMessage()
-
-
-def _abandoned_kafka_futures(record: logging.LogRecord) -> bool:
-    # A client closed while the broker was away leaves futures failed with a
-    # Kafka error that nobody awaits; asyncio reports each as it is collected,
-    # after the command has already said what went wrong with the broker.
-    if record.name != "asyncio" or not record.exc_info:
-        return True
-    error = record.exc_info[1]
-    return not (
-        type(error).__module__.startswith("aiokafka")
-        and str(record.msg).startswith("Future exception was never retrieved")
-    )
 
 
 def _connect_filter(record: logging.LogRecord) -> bool:
