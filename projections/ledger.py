@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -81,6 +82,20 @@ _NODE = b"\x01"
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What a batch appends: its entry lines (joined), the (size, root) of the
+    tree heads due and when they fell due, and the checkpoint after them."""
+
+    data: bytes
+    appended: int
+    due: list[tuple[int, bytes]]
+    now: int
+    #: When the oldest entry still unsigned after this batch was appended.
+    oldest: int
+    state: PartitionState
 
 
 class LedgerProjection:
@@ -156,11 +171,18 @@ class LedgerProjection:
             StoreError: the ledger cannot be written; the checkpoint did not move.
         """
         try:
-            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
             async with self._locked(partition):
-                return await asyncio.to_thread(
-                    self._append, partition, envelopes, outcomes, next_offset
-                )
+                # The entries and hashes are built here, on the event loop's
+                # thread: in a thread of their own they would contend with it
+                # for the interpreter, which cost the worker more than the work
+                # itself. Only the writes and syncs, which release it, go to a
+                # thread.
+                batch = self._prepare(partition, envelopes, outcomes, next_offset)
+                if batch is None:
+                    return 0
+                await asyncio.to_thread(self._commit, partition, batch)
+                return batch.appended
         except OSError as exc:
             raise StoreError(
                 f"ledger {log_path(self.directory, partition)}: {exc.strerror or exc}"
@@ -189,19 +211,20 @@ class LedgerProjection:
         except OSError as exc:
             raise StoreError(f"ledger {self.directory}: {exc.strerror or exc}") from exc
 
-    def _append(
+    def _prepare(
         self,
         partition: int,
         envelopes: Sequence[Envelope],
         outcomes: Sequence[Outcome | None],
         next_offset: int,
-    ) -> int:
+    ) -> _Prepared | None:
+        """The entries and tree heads a batch appends, and the checkpoint after
+        them; None when the checkpoint is already at ``next_offset``."""
         state = self._current_state(partition)
         if next_offset <= state.next_offset:
-            return 0
+            return None
         every = self.settings.ledger_checkpoint_entries
-        frontier = state.tree()
-        peaks = frontier.peaks
+        peaks = state.tree().peaks
         head, entries = state.head, state.entries
         lines: list[bytes] = []
         due: list[tuple[int, bytes]] = []
@@ -245,23 +268,27 @@ class LedgerProjection:
             sth_head=state.sth_head,
             signed_entries=state.signed_entries,
         )
-        heads = self._sign(partition, new, due, now) if due else []
-        new.unsigned_since_ms = 0 if new.signed_entries == entries else oldest
+        data = b"\n".join(lines) + b"\n" if lines else b""
+        new.size += len(data)
+        return _Prepared(data, len(lines), due, now, oldest, new)
 
-        if lines:
-            data = b"\n".join(lines) + b"\n"
-            _append_durably(log_path(self.directory, partition), data)
-            new.size += len(data)
+    def _commit(self, partition: int, batch: _Prepared) -> None:
+        """Sign the batch's tree heads (the signing key may come from a remote
+        KMS), then write its entries, the heads and the checkpoint."""
+        new = batch.state
+        heads = self._sign(partition, new, batch.due, batch.now) if batch.due else []
+        new.unsigned_since_ms = 0 if new.signed_entries == new.entries else batch.oldest
+        if batch.data:
+            _append_durably(log_path(self.directory, partition), batch.data)
         self._write_heads(partition, heads)
         self._write_state(partition, new)
         log.debug(
             "ledger.appended",
             partition=partition,
-            entries=len(lines),
+            entries=batch.appended,
             signed=len(heads),
-            next_offset=next_offset,
+            next_offset=new.next_offset,
         )
-        return len(lines)
 
     def _sign(
         self,
