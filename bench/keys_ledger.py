@@ -8,9 +8,10 @@ the MemoryReencrypted events it published (timed: events per second, group
 join included).
 
 ``ledger``: a worker projects the run's dataset topic on a fresh data dir,
-and again on another without its ledger follower (the ledger's share of
-projection throughput is 1 - the first rate / the second), then the ledger
-it wrote is verified with :func:`projections.ledger_verify.verify_ledger`,
+and another without its ledger follower, twice each (ABBA); the ledger's
+share of projection throughput is 1 - the rate with it / the rate without,
+and its share of CPU likewise from the worker's CPU seconds. Then the
+ledger it wrote is verified with :func:`projections.ledger_verify.verify_ledger`,
 one process and two.
 """
 
@@ -81,36 +82,47 @@ def ledger(ctx: Context) -> list[Measurement]:
     """Project the dataset with and without the ledger, then verify the ledger."""
     data = ctx.dataset()
 
-    def project_once(name: str, *, with_ledger: bool) -> tuple[Settings, float]:
+    def project_once(name: str, *, with_ledger: bool) -> tuple[Settings, float, float]:
+        """Project the dataset once; return the settings, wall and CPU seconds."""
         settings = ctx.settings(
             data.settings.topic_prefix,
             ctx.fresh_data_dir(name, keys_from=data.settings.data_dir),
         )
 
-        async def run() -> tuple[int, float]:
+        async def run() -> tuple[int, float, float]:
             worker = Worker(settings, group=ctx.fresh_name(name), until_caught_up=True)
             if not with_ledger:
                 worker.followers = [f for f in worker.followers if f.name != "ledger"]
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             report = await worker.run()
-            return report.events_applied, time.perf_counter() - began
+            return (
+                report.events_applied,
+                time.perf_counter() - began,
+                time.process_time() - cpu,
+            )
 
-        applied, seconds = asyncio.run(run())
+        applied, seconds, cpu_s = asyncio.run(run())
         if applied != data.events:
             raise RuntimeError(f"worker applied {applied} of {data.events} events")
-        return settings, applied / seconds
+        return settings, seconds, cpu_s
 
-    # Alternate which goes first from run to run: the second finds a warmer cache.
-    order = [True, False] if ctx.run % 2 == 0 else [False, True]
-    rates: dict[bool, float] = {}
+    # Two projections of each kind per run, in the order ABBA (BAAB in odd
+    # runs): a drift of the shared machine's speed within the run then falls
+    # on both kinds alike, and neither always finds the cache the warmer.
+    first, second = (True, False) if ctx.run % 2 == 0 else (False, True)
+    wall = {True: 0.0, False: 0.0}
+    cpu = {True: 0.0, False: 0.0}
     settings = None
-    for with_ledger in order:
-        used, rates[with_ledger] = project_once(
+    for with_ledger in (first, second, second, first):
+        used, seconds, cpu_s = project_once(
             "ledger" if with_ledger else "no-ledger", with_ledger=with_ledger
         )
+        wall[with_ledger] += seconds
+        cpu[with_ledger] += cpu_s
         if with_ledger:
             settings = used
     assert settings is not None
+    rates = {k: 2 * data.events / v for k, v in wall.items()}
     paths = StorePaths(settings.data_dir)
     key = load_public_key(paths.keys)
     out = [
@@ -119,7 +131,13 @@ def ledger(ctx: Context) -> list[Measurement]:
             1 - rates[True] / rates[False],
             "ratio",
             "ledger cost: 1 - worker rate with the ledger / without it",
-        )
+        ),
+        Measurement(
+            "ledger.cpu_share",
+            1 - cpu[False] / cpu[True],
+            "ratio",
+            "ledger cost: its share of the worker's CPU seconds",
+        ),
     ]
     for jobs in (1, 2):
         began = time.perf_counter()
