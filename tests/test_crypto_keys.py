@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -85,6 +87,41 @@ def test_content_hash_is_hmac_sha256_and_aad_is_length_prefixed(tmp_path: Path) 
     assert associated_data("acme", "k/é", "e1") == (
         b"strata/v1" + b"\0\0\0\x04acme" + b"\0\0\0\x04k/\xc3\xa9" + b"\0\0\0\x02e1"
     )
+
+
+def test_nonces_never_repeat_across_threads_or_a_fork(tmp_path: Path) -> None:
+    """Nonces come from per-thread buffers; a forked child must not reuse the
+    bytes its parent's buffer still holds."""
+    key = _ring(tmp_path).primary("acme")
+
+    def nonces(count: int) -> list[bytes]:
+        return [
+            seal(key, b"x", tenant="acme", key="k", event_id=str(n)).nonce
+            for n in range(count)
+        ]
+
+    # Partly drawn, so the parent's buffer holds nonces it has not used yet.
+    seen = nonces(10)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report its nonces and leave at once
+        try:
+            os.write(write_end, b"".join(nonces(50)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        from_child = pipe.read()
+    os.waitpid(child, 0)
+    seen += [from_child[i : i + 12] for i in range(0, len(from_child), 12)]
+    assert len(from_child) == 50 * 12
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for batch in pool.map(nonces, [3000] * 4):
+            seen += batch
+    seen += nonces(3000)
+    assert all(len(n) == 12 for n in seen)
+    assert len(set(seen)) == len(seen) == 10 + 50 + 5 * 3000
 
 
 def test_a_data_key_seals_only_its_own_tenant(tmp_path: Path) -> None:
