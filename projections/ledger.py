@@ -57,7 +57,13 @@ from strata.config import Settings, load_settings
 from strata.errors import StoreError
 from strata.locks import file_lock
 from strata.paths import StorePaths
-from strata.signing import LedgerSigner, TreeHead, load_or_create_signer, sign_tree_head
+from strata.signing import (
+    LedgerSigner,
+    TreeHead,
+    load_or_create_signer,
+    sign_tree_head,
+    signing_key_path,
+)
 
 __all__ = [
     "GENESIS",
@@ -138,14 +144,34 @@ class LedgerProjection:
         Raises:
             ConfigError: the master key cannot be used.
             KeyUnavailableError: the signing key does not unwrap.
+            StoreError: the key file is gone while the ledger holds heads it
+                signed.
         """
         with self._signer_lock:  # partitions append in threads at once
             if self._signer is None:
                 settings = self.settings
-                self._signer = load_or_create_signer(
-                    StorePaths(settings.data_dir).keys, settings.master_key_path
-                )
+                keys = StorePaths(settings.data_dir).keys
+                self._refuse_lost_signer(signing_key_path(keys))
+                self._signer = load_or_create_signer(keys, settings.master_key_path)
             return self._signer
+
+    def _refuse_lost_signer(self, path: Path) -> None:
+        """Refuse to create a signing key where one signed this ledger's heads:
+        a new key would fail every earlier head's signature."""
+        if path.exists():
+            return
+        signed = [
+            p
+            for p in partitions_in(self.directory)
+            if read_state(self.directory, p).sths
+        ]
+        if signed:
+            raise StoreError(
+                f"ledger signing key {path} is missing, but the ledger in "
+                f"{self.directory} holds tree heads it signed (partitions "
+                f"{', '.join(map(str, signed))}); restore the file: a new key "
+                "would fail every earlier head"
+            )
 
     def checkpoint(self, partition: int) -> int:
         """The next offset of ``partition`` the ledger has not applied."""
@@ -195,10 +221,29 @@ class LedgerProjection:
         Raises:
             StoreError: the ledger cannot be read or written, or its lock not taken.
         """
+        return self._sign_unsigned(partition, waited_ms=0)
+
+    def sign_due(self, partition: int) -> TreeHead | None:
+        """Sign a tree head over every entry of ``partition`` if its oldest
+        unsigned entry has waited ``ledger_checkpoint_interval_ms``; return it.
+
+        Appends sign when that time has passed, so this is what signs the last
+        entries of a partition that receives no more events.
+
+        Raises:
+            StoreError: as :meth:`sign_now`.
+        """
+        return self._sign_unsigned(
+            partition, waited_ms=self.settings.ledger_checkpoint_interval_ms
+        )
+
+    def _sign_unsigned(self, partition: int, *, waited_ms: int) -> TreeHead | None:
         try:
             with self._locked_sync(partition):
                 state = self._current_state(partition)
                 if state.entries == state.signed_entries:
+                    return None
+                if _now_ms() - state.unsigned_since_ms < waited_ms:
                     return None
                 new = PartitionState(**{**state.__dict__, "stamp": None})
                 heads = self._sign(
@@ -347,6 +392,17 @@ class LedgerProjection:
                 f"ledger {path} holds entries but its checkpoint file is missing; "
                 "move the ledger folder away and run `strata rebuild --projection "
                 "ledger` to rebuild it from the topic"
+            )
+        if cached is not None and state.next_offset < cached.next_offset:
+            # Cutting back to it, or appending after it, would leave the
+            # chain without the entries this process already wrote.
+            raise StoreError(
+                f"ledger {ckpt_path(self.directory, partition)} went back from "
+                f"offset {cached.next_offset} to {state.next_offset} while this "
+                "process was appending to it (the file was removed or "
+                "replaced); stop the worker, then restore the ledger folder, or "
+                "move it away and start the worker again to rebuild the "
+                "ledger from the topic"
             )
         if state.frontier is None:
             # A checkpoint from before tree heads: rebuild the frontier once.

@@ -249,6 +249,61 @@ async def test_sign_now_covers_every_entry_once(tmp_path: Path) -> None:
     assert verify_ledger(ledger.directory, signer.public_key).ok
 
 
+async def test_sign_due_signs_an_idle_tail_only_once_it_has_waited(
+    tmp_path: Path,
+) -> None:
+    """Entries no later append will sign are signed by `sign_due` once they
+    have waited the interval, and not before."""
+    settings = ledger_settings(tmp_path, every=1000, interval_ms=200)
+    signer = LedgerSigner(Ed25519PrivateKey.generate())
+    ledger = LedgerProjection(tmp_path / "ledger", settings=settings, signer=signer)
+    pairs = [event_at(0, i) for i in range(7)]
+    await ledger.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 7)
+    assert ledger.sign_due(0) is None
+    assert read_tree_heads(ledger.directory, 0) == []
+    time.sleep(0.25)
+    head = ledger.sign_due(0)
+    assert head is not None
+    assert head.size == 7
+    assert ledger.sign_due(0) is None
+    assert verify_ledger(ledger.directory, signer.public_key).ok
+
+
+async def test_a_checkpoint_removed_under_a_running_writer_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The ledger's files vanishing while a writer appends must not start a
+    new chain at the current offset: the entries before it would be gone
+    without a finding."""
+    ledger, _ = await build_ledger(tmp_path, 20, batch=10, every=5)
+    for path in ledger.directory.glob("p00000.*"):
+        path.unlink()
+    pairs = [event_at(0, 100)]
+    with pytest.raises(StoreError, match="went back from offset 39 to 0"):
+        await ledger.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 101)
+    assert not (ledger.directory / "p00000.log").exists()
+    # A writer started afresh (a restarted worker) rebuilds from offset 0.
+    fresh = LedgerProjection(ledger.directory, settings=ledger.settings)
+    assert fresh.checkpoint(0) == 0
+
+
+async def test_a_lost_signing_key_is_not_replaced_while_heads_exist(
+    tmp_path: Path,
+) -> None:
+    """A new signing key would fail every earlier head: refused, naming the file."""
+    settings = ledger_settings(tmp_path, every=5)
+    ledger = LedgerProjection(tmp_path / "ledger", settings=settings)
+    pairs = [event_at(0, i) for i in range(10)]
+    await ledger.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 10)
+    key_file = tmp_path / "keys" / "ledger-signing.json"
+    assert key_file.exists()
+    key_file.unlink()
+    again = LedgerProjection(tmp_path / "ledger", settings=settings)
+    with pytest.raises(StoreError, match=r"ledger-signing\.json is missing"):
+        again.signer()
+    assert not key_file.exists()
+
+
 def test_the_signing_key_is_wrapped_and_its_public_half_readable(
     tmp_path: Path,
 ) -> None:
