@@ -67,6 +67,9 @@ WAL_CHECKPOINT_INTERVAL_S = 1.0
 #: instead of paying every follower's syncs for each one. Reads wait on L2
 #: alone, so this delays commits, never readability.
 FOLLOWER_INTERVAL_S = 0.05
+#: How often, at most, a worker looks for idle partitions whose last ledger
+#: entries are due a signature (a quarter of the signing interval if shorter).
+SIGN_IDLE_CHECK_S = 5.0
 
 
 @dataclass(eq=False)
@@ -220,9 +223,11 @@ class Worker:
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         self._consumer.subscribe([topic], listener=_Rebalance(self))
-        wal = asyncio.get_running_loop().create_task(
-            self._checkpoint_wal_forever(), name="worker:l2-wal"
-        )
+        loop = asyncio.get_running_loop()
+        background = [
+            loop.create_task(self._checkpoint_wal_forever(), name="worker:l2-wal"),
+            loop.create_task(self._sign_idle_forever(), name="worker:sign-idle"),
+        ]
         try:
             await start_client(self._consumer, bootstrap, 30.0)
             log.info(
@@ -230,14 +235,25 @@ class Worker:
             )
             await self._loop(targets)
         finally:
-            wal.cancel()
-            await asyncio.gather(wal, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            ended = await asyncio.gather(*background, return_exceptions=True)
+            for task, result in zip(background, ended, strict=True):
+                if isinstance(result, Exception):
+                    log.error(
+                        "worker.background_task_failed",
+                        task=task.get_name(),
+                        error=str(result) or type(result).__name__,
+                    )
             await self._shutdown()
         return self.report
 
     async def _shutdown(self) -> None:
         try:
             await self._drain_followers()
+            # What the worker appended is signed before it goes, so a ledger
+            # left alone has a signed head over every entry.
+            await self._sign_owned("sign_now")
         finally:
             await self._close_clients()
 
@@ -324,6 +340,38 @@ class Worker:
                     consequence="the WAL grows until a checkpoint succeeds; "
                     "past its bound the writer checkpoints inside a commit",
                 )
+
+    async def _sign_idle_forever(self) -> None:
+        """Sign the entries of partitions that stopped receiving events once
+        they have waited the ledger's interval: appends alone sign only when
+        a later event arrives."""
+        interval_s = self.settings.ledger_checkpoint_interval_ms / 1000
+        while True:
+            await asyncio.sleep(min(interval_s / 4, SIGN_IDLE_CHECK_S))
+            await self._sign_owned("sign_due")
+
+    async def _sign_owned(self, method: str) -> None:
+        """Call a follower's signing ``method`` (``sign_now`` or ``sign_due``)
+        for every partition this worker owns, holding the batch lock so a
+        partition being revoked is not written meanwhile."""
+        async with self._lock:
+            partitions = sorted(tp.partition for tp in self._owned)
+            for follower in self.followers:
+                sign = getattr(follower, method, None)
+                if sign is None:
+                    continue
+                for partition in partitions:
+                    try:
+                        await asyncio.to_thread(sign, partition)
+                    except StrataError as exc:
+                        log.warning(
+                            "worker.sign_failed",
+                            projection=follower.name,
+                            partition=partition,
+                            error=str(exc),
+                            consequence="its last entries stay unsigned until "
+                            "a later append or attempt signs them",
+                        )
 
     def _follow_l2_pointer(self) -> bool:
         """Switch to the L2 version ``l2/CURRENT`` names; True when it changed.

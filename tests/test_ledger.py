@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from consumers.worker import Worker
 from producers.load import publish_synthetic
 from producers.producer import MemoryProducer
 from projections.ledger import LedgerProjection, ledger_digest, verify_ledger
-from projections.ledger_files import read_tree_heads
+from projections.ledger_files import partitions_in, read_state, read_tree_heads
 from strata.config import Settings
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
@@ -128,3 +130,55 @@ async def test_cli_verify_prints_one_object_and_exits_1_on_a_finding(
         if f["entry"] is not None
     ]
     assert located == [(1, 3, "changed")]
+
+
+def _signed_and_total(ledger: Path) -> tuple[int, int]:
+    states = [read_state(ledger, p) for p in partitions_in(ledger)]
+    return sum(s.signed_entries for s in states), sum(s.entries for s in states)
+
+
+async def test_a_worker_signs_the_last_entries_of_idle_partitions(
+    topics: Settings, keystore: LocalKeystore
+) -> None:
+    """Entries no later event follows are signed while the worker runs, once
+    they have waited the signing interval."""
+    settings = topics.model_copy(
+        update={
+            "ledger_checkpoint_interval_ms": 300,
+            "ledger_checkpoint_entries": 10_000,
+        }
+    )
+    async with MemoryProducer(settings, keystore) as producer:
+        for i in range(12):
+            await producer.write("acme", f"idle/{i}", b"quiet")
+    worker = Worker(settings, keystore=keystore)
+    running = asyncio.ensure_future(worker.run())
+    ledger = StorePaths(settings.data_dir).ledger
+    deadline = time.monotonic() + 60
+    try:
+        while _signed_and_total(ledger) != (12, 12):
+            assert not running.done(), running.result()
+            assert time.monotonic() < deadline, _signed_and_total(ledger)
+            await asyncio.sleep(0.05)
+    finally:
+        worker.request_stop()
+        await running
+    assert verify_ledger(ledger).ok
+
+
+async def test_a_worker_that_stops_signs_what_it_appended(
+    topics: Settings, keystore: LocalKeystore
+) -> None:
+    """A worker run until caught up leaves a signed head over every entry,
+    though neither trigger was due."""
+    events = await publish(topics, keystore)
+    settings = topics.model_copy(
+        update={
+            "ledger_checkpoint_interval_ms": 3_600_000,
+            "ledger_checkpoint_entries": 10_000,
+        }
+    )
+    await Worker(settings, keystore=keystore, until_caught_up=True).run()
+    ledger = StorePaths(settings.data_dir).ledger
+    assert _signed_and_total(ledger) == (events, events)
+    assert verify_ledger(ledger).ok
