@@ -438,6 +438,11 @@ def worker_cmd(
     """Project the memory topic into L1, L2, L3 and the ledger."""
     from consumers.worker import Worker
 
+    if group is not None and (not group.strip() or any(ord(ch) < 0x20 for ch in group)):
+        raise UsageError(
+            f"--group {group!r}: give a consumer group name, not blank or with "
+            "control characters"
+        )
     settings = _settings()
 
     async def go() -> dict[str, Any]:

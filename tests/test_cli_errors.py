@@ -33,6 +33,8 @@ def _strata(env: dict[str, str] | None, *args: str) -> subprocess.CompletedProce
         (("get", "acme", "k", "--as-of", "-1"), "--as-of"),
         (("nosuchcommand",), "nosuchcommand"),
         (("--log-level", "LOUD", "status"), "--log-level"),
+        (("worker", "--group", ""), "--group"),
+        (("worker", "--group", "  "), "--group"),
     ],
 )
 def test_a_usage_mistake_is_one_line_naming_it(
