@@ -38,7 +38,15 @@ from projections.merkle import (
     verify_inclusion,
 )
 from strata.errors import CheckFailedError, NotFoundError, UsageError
-from strata.signing import LedgerPublicKey, TreeHead
+from strata.signing import (
+    COUNT_BITS,
+    PARTITION_BITS,
+    LedgerPublicKey,
+    TreeHead,
+    TreeHeadError,
+    is_hex_hash,
+    json_preview,
+)
 
 INCLUSION_FORMAT = "strata-ledger-inclusion-proof/v1"
 CONSISTENCY_FORMAT = "strata-ledger-consistency-proof/v1"
@@ -210,25 +218,97 @@ def check_proof(doc: Any, public_key: LedgerPublicKey) -> ProofCheck:
     """Check an inclusion or consistency proof with the public key alone.
 
     Nothing but the document and the key is read: the ledger need not be at
-    hand. Every problem found is listed.
+    hand. Every problem found is listed. A field that is missing or of the
+    wrong type or range is not a problem of the proof but a malformed
+    document: integers must be JSON integers within the bounds of the signed
+    encoding, hashes 64 hex digits.
 
     Raises:
-        UsageError: the document is not a Strata ledger proof at all.
+        UsageError: the document is not a Strata ledger proof at all, or one
+            of its fields is malformed (the message names the field).
     """
-    if not isinstance(doc, dict) or doc.get("format") not in {
+    if not isinstance(doc, dict) or doc.get("format") not in (
         INCLUSION_FORMAT,
         CONSISTENCY_FORMAT,
-    }:
+    ):
         raise UsageError(
             f"not a ledger proof: expected format {INCLUSION_FORMAT!r} or "
             f"{CONSISTENCY_FORMAT!r}"
         )
+    if doc["format"] == INCLUSION_FORMAT:
+        return _check_inclusion(doc, public_key)
+    return _check_consistency(doc, public_key)
+
+
+def _malformed(field: str, problem: str) -> UsageError:
+    return UsageError(f"malformed ledger proof: field {field}: {problem}")
+
+
+def _field(doc: dict[str, Any], name: str) -> Any:
+    if name not in doc:
+        raise _malformed(name, "missing")
+    return doc[name]
+
+
+def _count(doc: dict[str, Any], name: str, bits: int) -> int:
+    value = _field(doc, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _malformed(
+            name, f"expected a non-negative integer, got {json_preview(value)}"
+        )
+    if value >= 1 << bits:
+        raise _malformed(
+            name, f"expected an integer below 2**{bits}, got {json_preview(value)}"
+        )
+    return value
+
+
+def _text(doc: dict[str, Any], name: str) -> str:
+    value = _field(doc, name)
+    if not isinstance(value, str):
+        raise _malformed(name, f"expected a string, got {json_preview(value)}")
+    return value
+
+
+def _hashes(doc: dict[str, Any], name: str) -> list[bytes]:
+    values = _field(doc, name)
+    if not isinstance(values, list):
+        raise _malformed(
+            name, f"expected an array of hashes, got {json_preview(values)}"
+        )
+    for i, value in enumerate(values):
+        if not is_hex_hash(value):
+            raise _malformed(
+                f"{name}[{i}]",
+                f"expected 64 hex digits (a SHA-256 hash), got {json_preview(value)}",
+            )
+    return [bytes.fromhex(v) for v in values]
+
+
+def _tree_head(doc: dict[str, Any], name: str) -> TreeHead:
+    value = _field(doc, name)
     try:
-        if doc["format"] == INCLUSION_FORMAT:
-            return _check_inclusion(doc, public_key)
-        return _check_consistency(doc, public_key)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"malformed ledger proof: {exc!r}") from exc
+        return TreeHead.from_dict(value)
+    except TreeHeadError as exc:
+        where = name if exc.field is None else f"{name}.{exc.field}"
+        raise _malformed(where, exc.problem) from exc
+
+
+def _entry_line(doc: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """The entry's line as the ledger holds it, and its fields."""
+    line = _text(doc, "line")
+    fields: Any = None
+    if line.isascii():
+        try:
+            fields = json.loads(line)
+        except (ValueError, RecursionError):
+            fields = None
+    if not isinstance(fields, dict):
+        raise _malformed(
+            "line",
+            f"expected the entry's line, a JSON object, got {json_preview(line)}",
+        )
+    return line.encode("ascii"), fields
 
 
 def _head_problems(head: TreeHead, key: LedgerPublicKey, name: str) -> list[str]:
@@ -239,29 +319,23 @@ def _head_problems(head: TreeHead, key: LedgerPublicKey, name: str) -> list[str]
     return []
 
 
-def _hashes(values: Any) -> list[bytes]:
-    out = [bytes.fromhex(v) for v in values]
-    if any(len(v) != 32 for v in out):
-        raise ValueError("a proof hash is not 32 bytes")
-    return out
-
-
 def _check_inclusion(doc: dict[str, Any], key: LedgerPublicKey) -> ProofCheck:
-    head = TreeHead.from_dict(doc["checkpoint"])
+    partition = _count(doc, "partition", PARTITION_BITS)
+    entry = _count(doc, "entry", COUNT_BITS)
+    event_id = _text(doc, "event_id") if "event_id" in doc else None
+    line, fields = _entry_line(doc)
+    path = _hashes(doc, "audit_path")
+    head = _tree_head(doc, "checkpoint")
     problems = _head_problems(head, key, "the checkpoint")
-    line = str(doc["line"]).encode("ascii")
-    entry = int(doc["entry"])
-    path = _hashes(doc["audit_path"])
     if not verify_inclusion(leaf_hash(line), entry, head.size, path, head.root):
         problems.append(
             f"the entry is not at {entry} in the tree of {head.size} the checkpoint signs"
         )
-    fields = json.loads(line)
     if fields.get("seq") != entry or fields.get("partition") != head.partition:
         problems.append("the entry's own sequence number or partition disagrees")
-    if doc.get("event_id") is not None and fields.get("event_id") != doc["event_id"]:
+    if event_id is not None and fields.get("event_id") != event_id:
         problems.append("the entry is not the event the proof names")
-    if int(doc["partition"]) != head.partition:
+    if partition != head.partition:
         problems.append("the proof names another partition than its checkpoint")
     details = {
         "partition": head.partition,
@@ -275,17 +349,20 @@ def _check_inclusion(doc: dict[str, Any], key: LedgerPublicKey) -> ProofCheck:
 
 
 def _check_consistency(doc: dict[str, Any], key: LedgerPublicKey) -> ProofCheck:
-    first = TreeHead.from_dict(doc["first"])
-    second = TreeHead.from_dict(doc["second"])
+    partition = _count(doc, "partition", PARTITION_BITS)
+    proof = _hashes(doc, "proof")
+    first = _tree_head(doc, "first")
+    second = _tree_head(doc, "second")
     problems = _head_problems(first, key, "the first checkpoint")
     problems += _head_problems(second, key, "the second checkpoint")
     if first.partition != second.partition:
         problems.append("the checkpoints are of different partitions")
-    proof = _hashes(doc["proof"])
     if not verify_consistency(first.size, second.size, first.root, second.root, proof):
         problems.append(
             f"the tree of {second.size} does not extend the tree of {first.size}"
         )
+    if partition != first.partition or partition != second.partition:
+        problems.append("the proof names another partition than its checkpoints")
     details = {
         "partition": second.partition,
         "first_size": first.size,

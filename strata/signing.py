@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import string
 import struct
 import tempfile
 import time
@@ -52,6 +53,12 @@ SIGNING_KEY_FILE = "ledger-signing.json"
 _FORMAT = "strata-ledger-signing-key/v1"
 _NONCE = 12
 _TREE_HEAD_LABEL = b"strata-ledger-tree-head/v1\x00"
+_TREE_HEAD_LAYOUT = ">IQQ"
+#: Bits of the partition, and of a size or time, in the bytes a tree head's
+#: signature covers.
+PARTITION_BITS = 32
+COUNT_BITS = 64
+_SIGNATURE_SIZE = 64
 
 
 def _wrap_aad(key_id: str) -> bytes:
@@ -295,30 +302,110 @@ class TreeHead:
     def from_dict(cls, doc: Any) -> TreeHead:
         """Read the JSON form.
 
+        Every field is checked against the binary layout the signature
+        covers, so a head read here can always be signed or verified.
+
         Raises:
-            ValueError: a field is missing or of the wrong type or length.
+            TreeHeadError: a field is missing or of the wrong type, length or range.
         """
-        try:
-            head = cls(
-                partition=_int(doc["partition"]),
-                size=_int(doc["size"]),
-                root=bytes.fromhex(doc["root"]),
-                time_ms=_int(doc["time_ms"]),
-                prev=bytes.fromhex(doc["prev"]),
-                key_id=str(doc["key_id"]),
-                signature=base64.b64decode(doc["signature"], validate=True),
-            )
-        except (KeyError, TypeError, binascii.Error) as exc:
-            raise ValueError(f"not a tree head: {exc}") from exc
-        if len(head.root) != 32 or len(head.prev) != 32 or len(head.signature) != 64:
-            raise ValueError("not a tree head: wrong hash or signature length")
-        return head
+        if not isinstance(doc, dict):
+            raise TreeHeadError(None, f"expected an object, got {json_preview(doc)}")
+        return cls(
+            partition=_count(doc, "partition", PARTITION_BITS),
+            size=_count(doc, "size", COUNT_BITS),
+            root=_hash(doc, "root"),
+            time_ms=_count(doc, "time_ms", COUNT_BITS),
+            prev=_hash(doc, "prev"),
+            key_id=_text(doc, "key_id"),
+            signature=_signature(doc, "signature"),
+        )
 
 
-def _int(value: Any) -> int:
+class TreeHeadError(ValueError):
+    """A tree head's JSON form with a field missing or of the wrong type.
+
+    ``field`` names the field (None when the form is not an object at all);
+    ``problem`` says what is wrong with it.
+    """
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        where = "" if field is None else f"field {field}: "
+        super().__init__(f"not a tree head: {where}{problem}")
+        self.field = field
+        self.problem = problem
+
+
+def json_preview(value: Any) -> str:
+    """A short JSON rendering of a value, for an error message."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _field(doc: dict[str, Any], name: str) -> Any:
+    if name not in doc:
+        raise TreeHeadError(name, "missing")
+    return doc[name]
+
+
+def _count(doc: dict[str, Any], name: str, bits: int) -> int:
+    value = _field(doc, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"{value!r} is not a non-negative integer")
+        raise TreeHeadError(
+            name, f"expected a non-negative integer, got {json_preview(value)}"
+        )
+    if value >= 1 << bits:
+        raise TreeHeadError(
+            name, f"expected an integer below 2**{bits}, got {json_preview(value)}"
+        )
     return value
+
+
+def _hash(doc: dict[str, Any], name: str) -> bytes:
+    value = _field(doc, name)
+    if not is_hex_hash(value):
+        raise TreeHeadError(
+            name, f"expected 64 hex digits (a SHA-256 hash), got {json_preview(value)}"
+        )
+    return bytes.fromhex(value)
+
+
+def is_hex_hash(value: Any) -> bool:
+    """Whether ``value`` is a SHA-256 hash written as 64 hex digits, nothing else."""
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in string.hexdigits for c in value)
+    )
+
+
+def _text(doc: dict[str, Any], name: str) -> str:
+    value = _field(doc, name)
+    if not isinstance(value, str):
+        raise TreeHeadError(name, f"expected a string, got {json_preview(value)}")
+    return value
+
+
+def _signature(doc: dict[str, Any], name: str) -> bytes:
+    value = _field(doc, name)
+    try:
+        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != _SIGNATURE_SIZE:
+        raise TreeHeadError(
+            name,
+            f"expected base64 of {_SIGNATURE_SIZE} bytes, got {json_preview(value)}",
+        )
+    return raw
 
 
 def signed_message(
@@ -326,7 +413,10 @@ def signed_message(
 ) -> bytes:
     """The bytes a tree head's signature covers: label, then fixed-width fields."""
     return (
-        _TREE_HEAD_LABEL + struct.pack(">IQQ", partition, size, time_ms) + root + prev
+        _TREE_HEAD_LABEL
+        + struct.pack(_TREE_HEAD_LAYOUT, partition, size, time_ms)
+        + root
+        + prev
     )
 
 

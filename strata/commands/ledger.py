@@ -204,6 +204,8 @@ def _read_proof(file: Path) -> Any:
         return json.loads(text)
     except OSError as exc:
         raise UsageError(f"{file}: {exc.strerror}") from exc
+    except RecursionError:
+        raise UsageError(f"{file}: not a ledger proof (nested too deeply)") from None
     except ValueError as exc:
         raise UsageError(f"{file}: not JSON ({exc})") from exc
 
