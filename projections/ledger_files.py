@@ -111,30 +111,65 @@ def read_state(directory: Path, partition: int) -> PartitionState:
     """Read one partition's checkpoint; a missing file means an empty ledger.
 
     Raises:
-        StoreError: the file exists but cannot be read or parsed.
+        StoreError: the file exists but cannot be read or parsed, or a field
+            is missing or of the wrong kind (the message names it).
     """
     path = ckpt_path(directory, partition)
+    where = f"ledger checkpoint {path}"
     try:
         st = path.stat()
-        doc = json.loads(path.read_bytes())
-        frontier = doc.get("frontier")
-        return PartitionState(
-            next_offset=int(doc["next_offset"]),
-            size=int(doc["size"]),
-            entries=int(doc["entries"]),
-            head=str(doc["head"]),
-            frontier=[str(p) for p in frontier] if frontier is not None else None,
-            sth_size=int(doc.get("sth_size", 0)),
-            sths=int(doc.get("sths", 0)),
-            sth_head=str(doc.get("sth_head", GENESIS)),
-            signed_entries=int(doc.get("signed_entries", 0)),
-            unsigned_since_ms=int(doc.get("unsigned_since_ms", 0)),
-            stamp=(st.st_mtime_ns, st.st_ino),
-        )
+        data = path.read_bytes()
     except FileNotFoundError:
         return PartitionState()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StoreError(f"ledger checkpoint {path}: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"{where}: cannot be read: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise StoreError(f"{where}: not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise StoreError(f"{where}: not a JSON object: {doc!r:.40}")
+
+    def number(name: str, default: int | None = None) -> int:
+        if name not in doc:
+            if default is None:
+                raise StoreError(f"{where}: field {name} is missing")
+            return default
+        value = doc[name]
+        try:
+            return int(value)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise StoreError(
+                f"{where}: field {name} is not a whole number: {value!r:.40}"
+            ) from exc
+
+    def text(name: str, default: str | None = None) -> str:
+        if name not in doc:
+            if default is None:
+                raise StoreError(f"{where}: field {name} is missing")
+            return default
+        return str(doc[name])
+
+    frontier = doc.get("frontier")
+    try:
+        peaks = [str(p) for p in frontier] if frontier is not None else None
+    except TypeError as exc:
+        raise StoreError(
+            f"{where}: field frontier is not a list: {frontier!r:.40}"
+        ) from exc
+    return PartitionState(
+        next_offset=number("next_offset"),
+        size=number("size"),
+        entries=number("entries"),
+        head=text("head"),
+        frontier=peaks,
+        sth_size=number("sth_size", 0),
+        sths=number("sths", 0),
+        sth_head=text("sth_head", GENESIS),
+        signed_entries=number("signed_entries", 0),
+        unsigned_since_ms=number("unsigned_since_ms", 0),
+        stamp=(st.st_mtime_ns, st.st_ino),
+    )
 
 
 def partitions_in(directory: Path) -> list[int]:

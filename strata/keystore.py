@@ -310,15 +310,35 @@ class Keyring:
         """Read the keystore now, so damage or loss is reported before any work
         starts (a worker with nothing to project would otherwise never look).
 
+        Every entry must carry its tenant's key id (an entry renamed or
+        altered no longer does), and every tenant key the KMS holds must have
+        an entry (a lost file or a lost entry).
+
         Raises:
-            StoreError: the file is damaged, or missing while the KMS holds
-                tenants' keys.
+            StoreError: the file is damaged, or lacks entries for keys the
+                KMS holds.
             ConfigError: it has another format.
         """
-        if not self._doc()["tenants"]:
-            held = [n for n in self.kms.key_names() if n.startswith(_KMS_KEY_PREFIX)]
-            if held:
-                raise self._lost(f"the keys of {len(held)} tenant(s)")
+        tenants: dict[str, Any] = self._doc()["tenants"]
+        for tenant, entry in tenants.items():
+            expected = key_id_for(tenant)
+            if entry["key_id"] != expected:
+                raise StoreError(
+                    f"{self._state.path}: damaged: tenants.{tenant}.key_id: "
+                    f"{entry['key_id']} is not the key id of tenant {tenant!r} "
+                    f"({expected}); the entry was renamed or altered: restore the "
+                    "keystore"
+                )
+        claimed = {_kms_key_name(key_id_for(t)) for t in tenants}
+        held = [n for n in self.kms.key_names() if n.startswith(_KMS_KEY_PREFIX)]
+        lost = sorted(set(held) - claimed)
+        if lost and not tenants:
+            raise self._lost(f"the keys of {len(held)} tenant(s)")
+        if lost:
+            more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+            raise self._lost(
+                f"its key {lost[0]}{more}", lacking="lacks an entry for a tenant"
+            )
 
     def _refuse_lost_entry(self, tenant: str) -> None:
         """Refuse a tenant the keystore does not know while the KMS holds its key.

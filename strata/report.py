@@ -13,7 +13,8 @@ Checks:
 ``data_dir``        the data dir exists
 ``ledger``          `strata ledger verify` finds nothing
 ``ledger_signed``   no entry has waited unsigned longer than the interval
-``keys``            the keystore reads; key versions and rotation state
+``keys``            the keystore reads and is whole, each tenant's primary key
+                    unwraps through the KMS; key versions and rotation state
 ``broker``          checkpoints, end offsets and dead letters could be read
 ``dead_letters``    no dead letter awaits replay
 ``lag``             every projection is within ``max_lag`` of the end offsets
@@ -31,13 +32,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
 from strata.config import Settings
-from strata.errors import StrataError, UsageError
+from strata.errors import StoreError, StrataError, UsageError
 from strata.paths import StorePaths
+
+if TYPE_CHECKING:
+    from strata.keystore import Keyring
 
 log = structlog.get_logger(__name__)
 
@@ -173,6 +177,45 @@ async def _step(
     return None
 
 
+# -- the keystore ------------------------------------------------------------------
+
+
+def check_keystore(keystore: Keyring) -> int:
+    """Check that the keystore is whole and that its keys work.
+
+    Runs :meth:`~strata.keystore.Keyring.check`, as a worker does at start;
+    then each tenant not erased has its primary key version unwrapped
+    through the KMS, as :meth:`~strata.keystore.Keyring.data_key` does; the
+    material is dropped.
+
+    Returns:
+        How many primary key versions were unwrapped.
+
+    Raises:
+        StoreError: the keystore is damaged, or lacks an entry the KMS holds
+            a key for.
+        ConfigError: it has another format, or the master key is unusable.
+        KeyUnavailableError: a primary key version does not unwrap
+            (:class:`~strata.errors.KmsUnavailableError` when the KMS does
+            not answer).
+    """
+    keystore.check()
+    tenants = keystore.tenants()
+    unwrapped = 0
+    for tenant in tenants:
+        version = keystore.primary_version(tenant)
+        if version is not None:
+            keystore.data_key(tenant, version)
+            unwrapped += 1
+    log.debug(
+        "report.keystore_checked",
+        keystore=str(keystore.directory / "keystore.json"),
+        tenants=len(tenants),
+        unwrapped=unwrapped,
+    )
+    return unwrapped
+
+
 # -- the inputs --------------------------------------------------------------------
 
 
@@ -218,22 +261,55 @@ async def _ledger(report: Report, paths: StorePaths, timeout_s: float) -> None:
     report.sections["ledger"] = section
 
     interval = report.settings.ledger_checkpoint_interval_ms
-    late = []
     now = report.generated_ms
-    for partition in partitions_in(paths.ledger):
-        state = read_state(paths.ledger, partition)
-        waited = now - state.unsigned_since_ms if state.unsigned_since_ms else 0
-        if state.entries > state.signed_entries and waited > interval:
-            late.append(
-                f"partition {partition}: {state.entries - state.signed_entries} "
-                f"entries unsigned for {waited / 1000:.0f}s"
-            )
+
+    def waiting() -> tuple[list[str], list[str]]:
+        late: list[str] = []
+        unreadable: list[str] = []
+        for partition in partitions_in(paths.ledger):
+            try:
+                state = read_state(paths.ledger, partition)
+            except StoreError as exc:
+                unreadable.append(f"partition {partition}: {exc}")
+                log.warning(
+                    "report.checkpoint_unreadable",
+                    partition=partition,
+                    error=str(exc),
+                    consequence="the ledger_signed check fails",
+                )
+                continue
+            waited = now - state.unsigned_since_ms if state.unsigned_since_ms else 0
+            if state.entries > state.signed_entries and waited > interval:
+                late.append(
+                    f"partition {partition}: {state.entries - state.signed_entries} "
+                    f"entries unsigned for {waited / 1000:.0f}s"
+                )
+        return late, unreadable
+
+    began = time.monotonic()
+    waits = await _step(
+        report,
+        "ledger_signed",
+        lambda: _in_daemon_thread(waiting, timeout_s),
+        timeout_s,
+    )
+    if waits is None:
+        return
+    late, unreadable = waits
+    problems: list[str] = []
+    if unreadable:
+        problems.append(
+            "; ".join(unreadable) + " (how long its entries waited unsigned is unknown)"
+        )
+    if late:
+        problems.append("; ".join(late) + " (run `strata ledger sign`)")
     report.check(
         "ledger_signed",
-        not late,
-        "; ".join(late) + " (run `strata ledger sign`)"
-        if late
+        not problems,
+        "; ".join(problems)
+        if problems
         else f"no entry waited unsigned longer than {interval / 1000:g}s",
+        time.monotonic() - began,
     )
 
 
@@ -248,34 +324,18 @@ async def _keys(report: Report, paths: StorePaths, timeout_s: float) -> None:
         report.check("keys", False, reason)
         report.unavailable("keys", reason)
         return
-    keystore = open_keystore(report.settings)
 
     def gather() -> dict[str, Any]:
-        tenants = []
-        for tenant in keystore.tenants():
-            versions = keystore.versions(tenant)
-            active = [v for v in versions if v.state == "active"]
-            primary = next((v.version for v in versions if v.primary), 0)
-            tenants.append(
-                {
-                    "tenant": tenant,
-                    "erased": keystore.is_erased(tenant),
-                    "primary_version": primary,
-                    "active_versions": len(active),
-                    "retired_versions": len(versions) - len(active),
-                    "rotation": "rotating" if len(active) > 1 else "settled",
-                    "versions": [
-                        {
-                            "version": v.version,
-                            "state": v.state,
-                            "primary": v.primary,
-                            "created": _iso(v.created_ms),
-                        }
-                        for v in versions
-                    ],
-                }
-            )
-        return {"tenants": tenants}
+        keystore = open_keystore(report.settings)
+        try:
+            unwrapped = check_keystore(keystore)
+            return {
+                "tenants": _tenant_keys(keystore),
+                "kms": keystore.kms.describe(),
+                "unwrapped": unwrapped,
+            }
+        finally:
+            keystore.close()
 
     data = await _step(
         report, "keys", lambda: _in_daemon_thread(gather, timeout_s), timeout_s
@@ -300,9 +360,39 @@ async def _keys(report: Report, paths: StorePaths, timeout_s: float) -> None:
         "keys",
         True,
         f"{len(tenants)} tenants, {data['erased']} erased, "
-        f"{data['rotating']} mid-rotation",
+        f"{data['rotating']} mid-rotation; {data['unwrapped']} primary keys "
+        f"unwrap through {data['kms']}",
         time.monotonic() - began,
     )
+
+
+def _tenant_keys(keystore: Keyring) -> list[dict[str, Any]]:
+    """Each tenant's key versions and rotation state, without key material."""
+    tenants = []
+    for tenant in keystore.tenants():
+        versions = keystore.versions(tenant)
+        active = [v for v in versions if v.state == "active"]
+        primary = next((v.version for v in versions if v.primary), 0)
+        tenants.append(
+            {
+                "tenant": tenant,
+                "erased": keystore.is_erased(tenant),
+                "primary_version": primary,
+                "active_versions": len(active),
+                "retired_versions": len(versions) - len(active),
+                "rotation": "rotating" if len(active) > 1 else "settled",
+                "versions": [
+                    {
+                        "version": v.version,
+                        "state": v.state,
+                        "primary": v.primary,
+                        "created": _iso(v.created_ms),
+                    }
+                    for v in versions
+                ],
+            }
+        )
+    return tenants
 
 
 async def _status(report: Report, timeout_s: float, max_lag: int) -> None:
@@ -529,7 +619,8 @@ def _keys_md(section: dict[str, Any]) -> list[str]:
         return [*lines, *_unavailable(section), ""]
     lines += [
         f"{section['tenant_count']} tenants, {section['erased']} erased, "
-        f"{section['rotating']} mid-rotation. Ledger signing key "
+        f"{section['rotating']} mid-rotation; {section['unwrapped']} primary keys "
+        f"unwrap through `{section['kms']}`. Ledger signing key "
         f"`{section['ledger_signing_key_id']}`.",
         "",
     ]

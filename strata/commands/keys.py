@@ -32,8 +32,13 @@ def _keyring() -> Any:
 
 @keys_app.command("list")
 def keys_list_cmd(tenant: TenantOpt = None, as_json: JsonOpt = False) -> None:
-    """Every tenant's key versions: state, primary, encryptions used."""
+    """Every tenant's key versions: state, primary, encryptions used.
+
+    Refuses a damaged keystore, or one lacking entries the KMS holds keys
+    for, as reads and writes do; it does not call the KMS to unwrap keys.
+    """
     keyring = _keyring()
+    keyring.check()
     names = [tenant] if tenant else keyring.tenants()
     tenants = []
     for name in names:
