@@ -91,6 +91,14 @@ CREATE TABLE IF NOT EXISTS erasures (
     time_ms   INTEGER NOT NULL,
     PRIMARY KEY (tenant, partition)
 );
+CREATE TABLE IF NOT EXISTS erased_outcomes (
+    partition INTEGER NOT NULL,
+    offset    INTEGER NOT NULL,
+    action    TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    reason    TEXT NOT NULL,
+    PRIMARY KEY (partition, offset)
+) WITHOUT ROWID;
 """
 
 #: WAL pages after which the writer checkpoints by itself (about 80 MB).
@@ -390,11 +398,15 @@ class L2Projection:
             log.debug("l2.rollback_failed", error=str(exc))
 
     def _recorded_outcome(self, partition: int, offset: int) -> Outcome | None:
-        row = self._conn.execute(
-            "SELECT action, version, reason FROM history WHERE partition = ? AND offset = ?",
-            (partition, offset),
-        ).fetchone()
-        return Outcome(row[0], row[1], row[2]) if row else None
+        for table in ("history", "erased_outcomes"):
+            row = self._conn.execute(
+                f"SELECT action, version, reason FROM {table} "  # noqa: S608
+                "WHERE partition = ? AND offset = ?",
+                (partition, offset),
+            ).fetchone()
+            if row:
+                return Outcome(row[0], row[1], row[2])
+        return None
 
     # -- batching ------------------------------------------------------------
     #
@@ -596,6 +608,15 @@ class L2Projection:
         where = (event.tenant, env.partition)
         self._conn.execute(
             "DELETE FROM records WHERE tenant = ? AND partition = ?", where
+        )
+        # What each purged event was decided as stays, by position alone, so
+        # a ledger offered these events again records what it did live.
+        self._conn.execute(
+            "INSERT OR IGNORE INTO erased_outcomes "
+            "(partition, offset, action, version, reason) "
+            "SELECT partition, offset, action, version, reason FROM history "
+            "WHERE tenant = ? AND partition = ?",
+            where,
         )
         self._conn.execute(
             "DELETE FROM history WHERE tenant = ? AND partition = ?", where

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import random
+import shutil
 import sqlite3
 import sys
 import uuid
@@ -497,6 +498,16 @@ async def test_shred_erases_everywhere_with_a_remote_kms(
         assert fresh.list("globex") == old.list("globex")
         fresh.close()
         old.close()
+
+        # The ledger keeps the erased tenant's entries, and one rebuilt from
+        # the topic (into a fresh data dir, or beside the live L2) has them too.
+        live = {p.name: p.read_bytes() for p in paths.ledger.glob("p*.log")}
+        assert sum(d.count(b'"tenant":"acme"') for d in live.values()) >= 30
+        rebuilt_ledger = StorePaths(rebuilt.data_dir).ledger
+        assert {p.name: p.read_bytes() for p in rebuilt_ledger.glob("p*.log")} == live
+        shutil.rmtree(paths.ledger)
+        await _project(settings, keyring, group=f"{settings.topic_prefix}.ledger")
+        assert {p.name: p.read_bytes() for p in paths.ledger.glob("p*.log")} == live
 
         places = {
             str(p): d
