@@ -705,11 +705,19 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
+#: How long the KMS server keeps an idle client connection open.
+IDLE_CONNECTION_S = 5.0
+
+
 class KmsRequestHandler(BaseHTTPRequestHandler):
     """Answers the Vault-transit-like API from the server's :class:`LocalKms`."""
 
     server: KmsHTTPServer
     protocol_version = "HTTP/1.1"
+    #: Seconds a kept-alive connection may sit idle. Closing the server waits
+    #: for every connection's thread, so a client that keeps one open and
+    #: idle would otherwise hold the server up for as long as it lives.
+    timeout = IDLE_CONNECTION_S
 
     def do_GET(self) -> None:
         self._dispatch("GET")
