@@ -383,12 +383,16 @@ def _check_roots(
     def flush() -> None:
         if run:
             (k, first), last_k = run[0], run[-1][0]
-            which = f"checkpoint {k}" if k == last_k else f"checkpoints {k}-{last_k}"
+            which = (
+                f"checkpoint {k} signs a root"
+                if k == last_k
+                else f"checkpoints {k}-{last_k} sign roots"
+            )
             add(
                 Finding(
                     partition,
                     None,
-                    f"signed {which} sign roots the entries no longer give: an "
+                    f"signed {which} the entries no longer give: an "
                     "entry was changed, deleted, inserted or reordered, the first "
                     f"of them among entries {last_good}-{first.size - 1}",
                     "root",
