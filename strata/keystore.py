@@ -30,6 +30,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,25 +215,36 @@ def _erased(tenant: str) -> ErasedError:
 
 
 class _Meter:
-    """Charges encryptions of one key version against durable reservations."""
+    """Charges encryptions of one key version against durable reservations.
+
+    The encryptions of a reserved block are handed out by one iterator, whose
+    ``next`` is a single step under the interpreter lock, so no two callers
+    are handed the same one and a write pays no lock of its own; only the
+    caller that finds the block used up takes the lock to reserve the next.
+    """
 
     def __init__(self, keyring: Keyring, tenant: str, version: int) -> None:
         self._keyring = keyring
         self._tenant = tenant
         self._version = version
-        self._left = 0
+        self._granted: Iterator[int] = iter(())
         self._block = FIRST_BLOCK
         self._lock = threading.Lock()
 
     def take(self) -> None:
+        if next(self._granted, None) is None:
+            self._reserve()
+
+    def _reserve(self) -> None:
         with self._lock:
-            if self._left == 0:
+            # Another caller may have reserved a block while this one waited.
+            while next(self._granted, None) is None:
                 # A block never exceeds 1/64 of the rotation bound, so a
                 # rotation wastes little of a version however small the bound.
                 wanted = min(self._block, max(1, self._keyring.rotate_after // 64))
-                self._left = self._keyring._reserve(self._tenant, self._version, wanted)
+                granted = self._keyring._reserve(self._tenant, self._version, wanted)
+                self._granted = iter(range(granted))
                 self._block = min(self._block * 2, MAX_BLOCK)
-            self._left -= 1
 
 
 class Keyring:

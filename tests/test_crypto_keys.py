@@ -191,6 +191,29 @@ def test_a_version_never_exceeds_its_cap(tmp_path: Path) -> None:
     assert ring.primary("acme").version > 1
 
 
+def test_threads_sealing_under_one_version_get_exactly_its_cap(
+    tmp_path: Path,
+) -> None:
+    """Each reserved encryption is handed to one seal only, whatever the threads."""
+    cap = 5000
+    held = _ring(tmp_path, rotate_after=cap, max_encryptions=cap).primary("acme")
+
+    def seal_until_refused(thread: int) -> int:
+        done = 0
+        while True:
+            try:
+                seal(held, b"p", tenant="acme", key="k", event_id=f"{thread}-{done}")
+            except KeyUnavailableError:
+                return done
+            done += 1
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(seal_until_refused, range(8)))
+    assert sum(counts) == cap, counts
+    first = _ring(tmp_path).versions("acme")[0]
+    assert (first.version, first.encryptions) == (1, cap)
+
+
 def test_unwrapped_keys_are_cached_briefly_and_state_changes_win(
     tmp_path: Path,
 ) -> None:
