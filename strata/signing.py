@@ -153,7 +153,9 @@ def _read_doc(path: Path) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise KeyUnavailableError(
-            f"no ledger signing key at {path} (a worker creates it on first use)"
+            f"no ledger signing key at {path} (a worker creates it for a ledger "
+            "that has signed nothing yet; where checkpoints were signed, the "
+            "file was lost and must be restored)"
         ) from None
     except (OSError, ValueError) as exc:
         raise StoreError(f"ledger signing key {path}: cannot be read: {exc}") from exc

@@ -180,6 +180,13 @@ def test_cli_proves_and_checks_with_an_exported_public_key(tmp_path: Path) -> No
     key = json.loads(exported.stdout)
     assert key["algorithm"] == "Ed25519"
     assert "BEGIN PUBLIC KEY" in key["pem"]
+    assert (tmp_path / "k.pem").read_text() == key["pem"]
+    again = _strata(env, "ledger", "public-key", "--out", str(tmp_path / "k2.pem"))
+    assert (
+        again.stdout
+        == f"ledger public key {key['key_id']} written to {tmp_path / 'k2.pem'}\n"
+    )
+    assert (tmp_path / "k2.pem").read_text() == key["pem"]
 
     # The data dir's own signing key, the one `public-key` exported.
     ledger = LedgerProjection(root / "ledger", settings=ledger_settings(root, every=5))
@@ -224,6 +231,16 @@ def test_cli_proves_and_checks_with_an_exported_public_key(tmp_path: Path) -> No
     )
     assert junk.returncode == 2
     assert "not JSON" in junk.stderr
+
+    # A key file lost after it signed heads is refused, never replaced.
+    signing = root / "keys" / "ledger-signing.json"
+    signing.unlink()
+    lost = _strata(env, "ledger", "public-key")
+    assert lost.returncode != 0
+    assert "is missing, but the ledger" in lost.stderr, lost.stderr
+    assert "restore the file" in lost.stderr
+    assert lost.stdout == ""
+    assert not signing.exists()
 
 
 async def _fill(ledger: LedgerProjection) -> None:

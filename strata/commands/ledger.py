@@ -245,30 +245,41 @@ def ledger_check_proof_cmd(
 @ledger_app.command("public-key")
 def ledger_public_key_cmd(
     out: Annotated[
-        Path | None, typer.Option("--out", help="Also write the PEM to this file.")
+        Path | None,
+        typer.Option(
+            "--out", help="Write the PEM to this file instead of printing it."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the ledger's Ed25519 public key (PEM), creating the key pair if needed."""
-    from strata.signing import load_or_create_signer, load_public_key
+    """Print the ledger's Ed25519 public key (PEM), creating the key pair if needed.
+
+    A key pair is created only for a ledger that has no signed checkpoint:
+    where one was signed, a lost key file is refused, not replaced.
+    """
+    from projections.ledger import LedgerProjection
+    from strata.signing import load_public_key
 
     cfg = settings()
-    keys = _paths().keys
+    paths = _paths()
     try:
-        key = load_public_key(keys)
+        key = load_public_key(paths.keys)
     except KeyUnavailableError:
-        key = load_or_create_signer(keys, cfg.master_key_path).public_key
+        key = LedgerProjection(paths.ledger, settings=cfg).signer().public_key
     pem = key.pem()
     if out is not None:
         try:
             out.write_text(pem)
         except OSError as exc:
             raise UsageError(f"--out {out}: {exc.strerror}") from exc
-    emit(
-        as_json,
-        {"algorithm": "Ed25519", "key_id": key.key_id, "pem": pem},
-        lambda: print(pem, end=""),
-    )
+
+    def human() -> None:
+        if out is None:
+            print(pem, end="")
+        else:
+            print(f"ledger public key {key.key_id} written to {out}")
+
+    emit(as_json, {"algorithm": "Ed25519", "key_id": key.key_id, "pem": pem}, human)
 
 
 @ledger_app.command("sign")
