@@ -117,9 +117,22 @@ class _Diagnosis:
     is why it runs only when something is wrong.
     """
 
-    def __init__(self, partition: int, state: PartitionState, lines: list[_Line]):
+    def __init__(
+        self,
+        partition: int,
+        state: PartitionState,
+        lines: list[_Line],
+        terminated: bool = True,
+    ):
         self.partition = partition
         self.committed = state.entries
+        #: A last line without its newline, past the committed entries: a
+        #: write a crash cut off, which the next writer discards.
+        self.cut_off = (
+            lines[-1]
+            if lines and not terminated and lines[-1].pos >= state.entries
+            else None
+        )
         self.head = bytes.fromhex(state.head) if _HEX64_RE.match(state.head) else None
         self.lines = lines
         self.slot: dict[int, _Line] = {}
@@ -230,7 +243,11 @@ class _Diagnosis:
             leftover: list[_Line] = []
             for ln in self.lines[pa + 1 : pb]:
                 twin = self.slot.get(ln.seq)
-                if ln.pos in self.findings or (twin is not None and twin.pos == ln.pos):
+                if (
+                    ln.pos in self.findings
+                    or (twin is not None and twin.pos == ln.pos)
+                    or ln is self.cut_off
+                ):
                     continue
                 if twin is not None and twin.hash == ln.hash:
                     self.report(
@@ -277,16 +294,27 @@ class _Diagnosis:
         here, after = self.slot.get(s), self.slot.get(s + 1)
         if here is None:
             return None
+        if s == self.committed - 1 and self.head is not None:
+            # The checkpoint file, not a line past it, says what the last
+            # committed entry hashes to.
+            return self.head == here.hash
         if after is not None and after.prev is not None:
             return after.prev == here.hash
-        if after is None and s == self.committed - 1 and self.head is not None:
-            return self.head == here.hash
         return None
 
     def _follow_chain(self, end: int) -> None:
         findings, slot = self.findings, self.slot
-        for placed in slot.values():
-            if placed.problem:
+        for place, placed in slot.items():
+            if not placed.problem or placed is self.cut_off:
+                continue
+            if place >= self.committed:
+                self.report(
+                    placed.pos,
+                    f"line {placed.pos}, past the {self.committed} entries the "
+                    f"checkpoint file records, {placed.problem.removeprefix('it ')}",
+                    "inserted",
+                )
+            else:
                 self.report(
                     placed.pos,
                     f"entry {placed.pos} was changed: {placed.problem}",
@@ -303,6 +331,14 @@ class _Diagnosis:
                     earlier is not None and earlier.pos in findings
                 ):
                     pass
+                elif s >= self.committed:
+                    self.report(
+                        ln.pos,
+                        f"line {ln.pos} claims entry {s}, past the {self.committed} "
+                        f"entries the checkpoint file records, and does not link to "
+                        "the entry before it: the ledger's writer did not write it",
+                        "inserted",
+                    )
                 elif earlier is None or self._links_out(s) is False:
                     self.report(
                         ln.pos,
@@ -331,7 +367,7 @@ class _Diagnosis:
         last_offset, last_pos = -1, -1
         for s in range(end):
             ln = self.slot.get(s)
-            if ln is None or ln.pos in self.findings:
+            if ln is None or ln.pos in self.findings or ln is self.cut_off:
                 continue
             if ln.partition != self.partition:
                 self.report(
@@ -356,4 +392,15 @@ def diagnose(directory: Path, partition: int, state: PartitionState) -> list[Fin
         if path.exists()
         else []
     )
-    return _Diagnosis(partition, state, lines).run()
+    return _Diagnosis(partition, state, lines, _ends_in_newline(path)).run()
+
+
+def _ends_in_newline(path: Path) -> bool:
+    try:
+        with path.open("rb") as src:
+            if src.seek(0, 2) == 0:
+                return True
+            src.seek(-1, 2)
+            return src.read(1) == b"\n"
+    except FileNotFoundError:
+        return True

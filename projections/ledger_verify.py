@@ -224,10 +224,13 @@ def verify_partition(
         add(Finding(partition, None, "the checkpoint file is missing", "state"))
 
     at = scan.at_committed
-    broken = not scan.clean or at is None or at[0] != state.head
+    ends_at_head = at is not None and at[0] == state.head
+    broken = not scan.clean or not ends_at_head
     entry_findings = diagnose(directory, partition, state) if broken else []
     report.findings.extend(entry_findings)
-    if broken and not entry_findings:
+    # An unclean scan with nothing located and the committed entries ending
+    # at the recorded head was a write cut off past the checkpoint.
+    if broken and not entry_findings and not ends_at_head:
         add(
             Finding(
                 partition,
@@ -239,7 +242,7 @@ def verify_partition(
     if at is not None:
         summary.head = at[0]
         summary.root = Frontier.from_hex(committed, at[1]).root().hex()
-        if not broken:
+        if not entry_findings and ends_at_head:
             _check_state(partition, state, at, report)
     else:
         summary.head, summary.root = scan.final_head, scan.final_root.hex()

@@ -596,12 +596,28 @@ def _ledger_md(section: dict[str, Any]) -> list[str]:
                 f"`{latest['root']}`" if latest else "none",
                 _iso(latest["time_ms"]) if latest else "never",
                 s["unsigned_entries"],
+                s["uncommitted_entries"],
             ]
         )
     lines += _table(
-        ["partition", "entries", "signed size", "signed root", "signed at", "unsigned"],
+        [
+            "partition",
+            "entries",
+            "signed size",
+            "signed root",
+            "signed at",
+            "unsigned",
+            "past checkpoint",
+        ],
         rows,
     )
+    if any(s["uncommitted_entries"] for s in section["summaries"]):
+        lines += [
+            "",
+            "Lines past a partition's checkpoint are not part of its ledger: a "
+            "worker wrote them and had not recorded its checkpoint, or stopped "
+            "before it did; its next start discards them.",
+        ]
     if section["findings"]:
         lines += ["", "Findings:", ""]
         lines += [

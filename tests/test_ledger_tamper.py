@@ -214,6 +214,60 @@ def test_truncation_hidden_from_the_checkpoint_file_is_still_found(
     assert report.findings[-1].checkpoint == 10
 
 
+def _next_entry(lines: Lines, *, linked: bool) -> bytes:
+    """An entry after the last, linked to it or (as a copy would be) not."""
+    doc = json.loads(lines[-1])
+    doc["seq"] += 1
+    doc["offset"] += 1
+    doc["key"] = "forged"
+    if linked:
+        doc["prev"] = leaf_hash(lines[-1]).hex()
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def test_a_line_past_the_checkpoint_that_does_not_link_is_located_there(
+    pristine: tuple[Path, LedgerPublicKey], tmp_path: Path
+) -> None:
+    """An appended entry is blamed, not the last committed one it fails to follow."""
+    report = tampered(
+        pristine, tmp_path, lambda ls: [*ls, _next_entry(ls, linked=False)]
+    )
+    assert located(report) == {COUNT: {"inserted"}}, report.findings
+    assert report.entries == COUNT
+
+
+def test_garbage_past_the_checkpoint_is_located_there(
+    pristine: tuple[Path, LedgerPublicKey], tmp_path: Path
+) -> None:
+    report = tampered(pristine, tmp_path, lambda ls: [*ls, b'{"seq":1200,"x'])
+    assert located(report) == {COUNT: {"inserted"}}, report.findings
+    assert "not a valid ledger entry" in report.findings[0].problem
+
+
+def test_linked_lines_past_the_checkpoint_are_counted_but_not_in_the_ledger(
+    pristine: tuple[Path, LedgerPublicKey], tmp_path: Path
+) -> None:
+    """What a writer appends before recording its checkpoint (or a crash cut
+    off mid-line) is not a finding: it is not part of the ledger, no proof
+    covers it, and the next writer discards it; verify counts it apart."""
+    root, key = pristine
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "ledger", copy)
+    log = copy / "p00000.log"
+    lines = log.read_bytes().splitlines()
+    linked = _next_entry(lines, linked=True)
+    log.write_bytes(log.read_bytes() + linked + b"\n")
+    report = verify_ledger(copy, key)
+    assert report.ok, report.findings
+    assert (report.entries, report.summaries[0].uncommitted) == (COUNT, 1)
+
+    cut = _next_entry([*lines, linked], linked=True)[:30]
+    log.write_bytes(log.read_bytes() + cut)
+    report = verify_ledger(copy, key)
+    assert report.ok, report.findings
+    assert (report.entries, report.summaries[0].uncommitted) == (COUNT, 2)
+
+
 def test_a_changed_signed_checkpoint_is_located(
     pristine: tuple[Path, LedgerPublicKey], tmp_path: Path
 ) -> None:

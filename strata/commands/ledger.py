@@ -56,6 +56,13 @@ def _print_report(report: VerifyReport) -> None:
         print(
             f"  partition {s.partition}: {s.entries} entries, {signed}, root {s.root}"
         )
+        if s.uncommitted:
+            print(
+                f"    and {s.uncommitted} line{'s' if s.uncommitted > 1 else ''} "
+                "past its checkpoint, not part of the ledger: written by a worker "
+                "that has not recorded its checkpoint yet, or stopped before it "
+                "did (its next start discards them)"
+            )
     for f in report.findings:
         where = f"entry {f.entry}" if f.entry is not None else "-"
         print(f"  FINDING partition {f.partition} {where} [{f.kind}]: {f.problem}")
