@@ -44,6 +44,13 @@ from strata.validation import check_tenant
 log = structlog.get_logger(__name__)
 
 
+#: What an erasure does to L1, which has no count of its own.
+L1_PURGE = (
+    "each worker drops the tenant from its L1 when it applies the erasure "
+    "marker; L1 holds a subset of L2's records"
+)
+
+
 @dataclass
 class ErasureReceipt:
     """What an erasure destroyed and where it told the projections."""
@@ -56,7 +63,7 @@ class ErasureReceipt:
     kms: str
     kms_key_deleted: bool
     markers: dict[int, int]
-    records_purged: dict[str, int | None]
+    records_purged: dict[str, int]
     payloads_purged: int
     confirmed: bool = False
     remaining: dict[str, int] = field(default_factory=dict)
@@ -77,6 +84,7 @@ class ErasureReceipt:
                 {"partition": p, "offset": o} for p, o in sorted(self.markers.items())
             ],
             "records_purged": self.records_purged,
+            "l1": L1_PURGE,
             "payloads_purged": self.payloads_purged,
             "purge_confirmed": self.confirmed,
             "remaining": self.remaining,
@@ -121,19 +129,18 @@ async def erase_tenant(
         kms=keyring.kms.describe(),
         kms_key_deleted=erasure.kms_key_deleted,
         markers=erasure.markers,
-        # L1 is each worker's memory: they drop the tenant on the marker, and
-        # what they held is a subset of L2, so it has no count of its own.
+        # L1 is each worker's memory (see L1_PURGE): no count of its own.
         records_purged={
-            "l1": None,
             "l2": erasure.purged.get("l2", 0),
             "l3": erasure.purged.get("l3", 0),
         },
         payloads_purged=erasure.purged.get("payloads", 0),
     )
-    if wait_s > 0:
-        receipt.confirmed, receipt.remaining = await _confirm(
-            paths, tenant, erasure.markers, wait_s
-        )
+    # Without a wait this still confirms a purge L2 has already made (an
+    # erasure run again, once the workers applied its markers).
+    receipt.confirmed, receipt.remaining = await _confirm(
+        paths, tenant, erasure.markers, wait_s
+    )
     log.info(
         "erasure.receipt",
         tenant=tenant,
@@ -191,7 +198,9 @@ async def _confirm(
             if all(done.get(p, 0) > o for p, o in markers.items()):
                 remaining = {k: v for k, v in l2.tenant_counts(tenant).items() if v}
                 return not remaining and l2.is_erased(tenant), remaining
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
+                if wait_s <= 0:
+                    return False, {}
                 log.warning(
                     "erasure.not_confirmed",
                     tenant=tenant,

@@ -434,7 +434,8 @@ async def test_shred_erases_everywhere_with_a_remote_kms(
         assert receipt["kms"] == server.url
         assert receipt["kms_key_deleted"]
         assert len(receipt["events"]) == settings.partitions
-        assert receipt["records_purged"]["l2"] == 19  # 20 keys, one deleted
+        assert receipt["records_purged"] == {"l2": 19, "l3": 0}  # 20 keys, one deleted
+        assert not receipt["purge_confirmed"]
         assert receipt["payloads_purged"] == 30
         assert receipt["erased_at"].endswith("+00:00")
 
@@ -475,6 +476,7 @@ async def test_shred_erases_everywhere_with_a_remote_kms(
         ends = await end_offsets(settings, [settings.memory_topic])
         again = await erase_tenant(settings, keyring, "acme")
         assert again.to_dict() | {"purge_confirmed": False} == receipt
+        assert again.confirmed  # the workers applied its markers meanwhile
         assert await end_offsets(settings, [settings.memory_topic]) == ends
 
         code, out, err = await _cli(env, "ledger", "verify", "--json")

@@ -274,12 +274,17 @@ def keys_shred_cmd(
             f"(KMS {receipt['kms']}: key deleted {receipt['kms_key_deleted']})"
         )
         print(
-            f"  records purged: l2 {purged['l2']}, l3 {purged['l3']}, l1 dropped by "
-            f"every worker; payloads {receipt['payloads_purged']}"
+            f"  records held when the keys were destroyed: l2 {purged['l2']}, "
+            f"l3 {purged['l3']}, l1 dropped by every worker; payloads "
+            f"{receipt['payloads_purged']}"
         )
-        print(
-            f"  markers: {len(receipt['events'])} partitions; confirmed {receipt['purge_confirmed']}"
-        )
+        if receipt["purge_confirmed"]:
+            confirmed = "L2 has applied them and holds nothing of the tenant"
+        elif receipt["remaining"]:
+            confirmed = f"L2 still holds {receipt['remaining']}"
+        else:
+            confirmed = "not yet applied by L2 (--wait SECONDS waits for it)"
+        print(f"  markers on {len(receipt['events'])} partitions: {confirmed}")
 
     emit(as_json, receipt, human)
     if not receipt["kms_key_deleted"]:
