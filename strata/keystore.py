@@ -585,6 +585,9 @@ class Keyring:
             if entry.get("erased"):
                 raise _erased(tenant)
             entry["primary"] = version
+            # New writes will be sealed under it: an earlier verification
+            # that nothing needs it no longer holds.
+            info.pop("cleared_ms", None)
         log.info("keys.primary_set", tenant=tenant, version=version)
 
     def record_clearance(self, tenant: str, version: int) -> None:

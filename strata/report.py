@@ -373,14 +373,25 @@ def _tenant_keys(keystore: Keyring) -> list[dict[str, Any]]:
         versions = keystore.versions(tenant)
         active = [v for v in versions if v.state == "active"]
         primary = next((v.version for v in versions if v.primary), 0)
+        erased = keystore.is_erased(tenant)
+        if erased:
+            rotation = "erased"
+        elif len(active) <= 1:
+            rotation = "settled"
+        elif all(v.cleared_ms is not None for v in active if not v.primary):
+            # `keys verify` found nothing needing the old versions any more.
+            rotation = "cleared, old versions not retired"
+        else:
+            rotation = "rotating"
         tenants.append(
             {
                 "tenant": tenant,
-                "erased": keystore.is_erased(tenant),
+                "erased": erased,
                 "primary_version": primary,
                 "active_versions": len(active),
-                "retired_versions": len(versions) - len(active),
-                "rotation": "rotating" if len(active) > 1 else "settled",
+                "retired_versions": sum(v.state == "retired" for v in versions),
+                "destroyed_versions": sum(v.state == "destroyed" for v in versions),
+                "rotation": rotation,
                 "versions": [
                     {
                         "version": v.version,
@@ -646,11 +657,14 @@ def _keys_md(section: dict[str, Any]) -> list[str]:
             "erased" if t["erased"] else t["primary_version"],
             t["active_versions"],
             t["retired_versions"],
+            t["destroyed_versions"],
             t["rotation"],
         ]
         for t in section["tenants"]
     ]
-    lines += _table(["tenant", "primary", "active", "retired", "rotation"], rows)
+    lines += _table(
+        ["tenant", "primary", "active", "retired", "destroyed", "rotation"], rows
+    )
     return [*lines, ""]
 
 

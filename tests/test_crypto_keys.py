@@ -248,8 +248,12 @@ def test_rollback_retire_and_shred(tmp_path: Path) -> None:
     ring = _ring(tmp_path)
     ring.primary("acme")
     assert ring.rotate("acme").version == 2
+    ring.record_clearance("acme", 1)
+    assert ring.versions("acme")[0].cleared_ms is not None
     ring.set_primary("acme", 1)
     assert ring.primary("acme").version == 1
+    # Writes go to v1 again: its clearance no longer holds.
+    assert ring.versions("acme")[0].cleared_ms is None
     assert ring.ensure_version("acme", 2, job_id="j") is False
     assert ring.ensure_version("acme", 3, job_id="j") is True
     assert ring.primary_version("acme") == 3
@@ -504,3 +508,30 @@ def test_a_tenant_entry_lost_from_the_keystore_is_not_made_afresh(
         _ring(tmp_path).data_key("acme", 1)  # reads are refused alike
     assert "acme" not in json.loads(path.read_text())["tenants"]
     _ring(tmp_path).primary("initech")  # a tenant that never had keys is fine
+
+
+def test_the_report_tells_rotating_cleared_settled_and_erased_apart(
+    tmp_path: Path,
+) -> None:
+    """A rotation whose old versions `keys verify` cleared is not 'rotating';
+    an erased tenant's versions count as destroyed, not retired."""
+    from strata.report import _tenant_keys
+
+    ring = _ring(tmp_path)
+    for tenant in ("settled", "rotating", "cleared", "erased"):
+        ring.primary(tenant)
+    for tenant in ("rotating", "cleared", "erased"):
+        ring.rotate(tenant)
+    ring.record_clearance("cleared", 1)
+    ring.shred("erased")
+    rows = {t["tenant"]: t for t in _tenant_keys(ring)}
+    states = {
+        tenant: (t["rotation"], t["retired_versions"], t["destroyed_versions"])
+        for tenant, t in rows.items()
+    }
+    assert states == {
+        "settled": ("settled", 0, 0),
+        "rotating": ("rotating", 0, 0),
+        "cleared": ("cleared, old versions not retired", 0, 0),
+        "erased": ("erased", 0, 2),
+    }
