@@ -76,6 +76,7 @@ from strata.kafka import (
 from strata.keystore import ACTIVE, Keyring
 from strata.locks import exclusive
 from strata.paths import StorePaths
+from strata.validation import check_tenant
 
 log = structlog.get_logger(__name__)
 
@@ -329,6 +330,7 @@ class RotationJob:
                 raise UsageError(f"no tenant has keys in {self.keyring.directory}")
             return live
         for tenant in self.tenants:
+            check_tenant(tenant)
             if tenant not in known:
                 raise UsageError(
                     f"tenant {tenant!r} has no keys in {self.keyring.directory}"
@@ -758,6 +760,8 @@ async def verify_coverage(
         BrokerError: the broker cannot be reached for end offsets.
     """
     paths = StorePaths(settings.data_dir)
+    if tenant is not None:
+        check_tenant(tenant)
     if tenant is not None and tenant not in keyring.tenants():
         raise UsageError(f"tenant {tenant!r} has no keys in {keyring.directory}")
     offsets = await end_offsets(settings, [settings.memory_topic])

@@ -47,6 +47,20 @@ def test_a_usage_mistake_is_one_line_naming_it(
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("command", ["rotate", "verify", "retire", "rollback", "shred"])
+@pytest.mark.parametrize("tenant", ["", "bad tenant!", "a/b"])
+def test_a_keys_command_names_the_rule_a_tenant_breaks(
+    cli_env: dict[str, str], command: str, tenant: str
+) -> None:
+    """Not 'has no keys', which sends the user looking for a keystore."""
+    done = _strata(cli_env, "keys", command, "--tenant", tenant)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"strata: tenant {tenant!r}: use 1-128 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit\n"
+    )
+
+
 @pytest.mark.parametrize("command", [("dlq", "list"), ("dlq", "replay"), ("status",)])
 def test_a_missing_topic_is_named_at_once(
     cli_env: dict[str, str], command: tuple[str, ...]

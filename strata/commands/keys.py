@@ -228,6 +228,9 @@ def keys_rollback_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Switch new writes back to an earlier, unretired version: nothing is lost."""
+    from strata.validation import check_tenant
+
+    check_tenant(tenant)
     keyring = _keyring()
     infos = keyring.versions(tenant)
     current = next((i.version for i in infos if i.primary), None)
