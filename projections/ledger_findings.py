@@ -262,10 +262,15 @@ class _Diagnosis:
             for ln in leftover:
                 s = next(empty, None)
                 if s is None:
+                    claim = (
+                        f"(claiming entry {ln.seq})"
+                        if ln.seq >= 0
+                        else f"({ln.problem.removeprefix('it ')})"
+                    )
                     self.report(
                         ln.pos,
-                        f"line {ln.pos} (claiming entry {ln.seq}) has no place in "
-                        "the chain: it was inserted",
+                        f"line {ln.pos} {claim} has no place in the chain: it was "
+                        "inserted",
                         "inserted",
                     )
                     continue
@@ -387,11 +392,20 @@ class _Diagnosis:
 def diagnose(directory: Path, partition: int, state: PartitionState) -> list[Finding]:
     """Locate what is wrong in a partition's log (see :class:`_Diagnosis`)."""
     path = log_path(directory, partition)
-    lines = (
-        [_parse_line(pos, raw) for pos, raw in iter_entries(path)]
-        if path.exists()
-        else []
-    )
+    if not path.exists():
+        if not state.entries:
+            return []
+        return [
+            Finding(
+                partition,
+                0,
+                f"the log file {path.name} is missing, though the checkpoint file "
+                f"records {state.entries} entr{'y' if state.entries == 1 else 'ies'}: "
+                "it was deleted",
+                "deleted",
+            )
+        ]
+    lines = [_parse_line(pos, raw) for pos, raw in iter_entries(path)]
     return _Diagnosis(partition, state, lines, _ends_in_newline(path)).run()
 
 

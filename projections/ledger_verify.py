@@ -263,6 +263,10 @@ def verify_partition(
         )
 
 
+def _entries(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
 def _check_state(
     partition: int,
     state: PartitionState,
@@ -354,7 +358,7 @@ def _check_heads(
         if k and head.size <= last_size:
             add(
                 k,
-                f"covers {head.size} entries, no more than the {last_size} of one "
+                f"covers {_entries(head.size)}, no more than the {last_size} of one "
                 "before it: it does not extend it",
             )
         last_size = max(last_size, head.size)
@@ -416,7 +420,7 @@ def _check_roots(
                 Finding(
                     partition,
                     what[1],
-                    f"signed checkpoint {k} covers {head.size} entries but the log "
+                    f"signed checkpoint {k} covers {_entries(head.size)} but the log "
                     f"holds {scan.count}: {what[2]}",
                     what[0],
                     k,

@@ -368,3 +368,22 @@ def test_parallel_verification_agrees(tmp_path: Path) -> None:
     assert serial == parallel
     assert serial["ok"] is True
     assert serial["entries"] == 900
+
+
+def test_a_deleted_log_file_and_a_stray_one_are_named_as_such(
+    pristine: tuple[Path, LedgerPublicKey], tmp_path: Path
+) -> None:
+    root, key = pristine
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "ledger", copy)
+    (copy / "p00000.log").unlink()
+    (copy / "p00009.log").write_bytes(b'{"x":\n')
+    report = verify_ledger(copy, key)
+    where = {(f.partition, f.entry, f.kind): f.problem for f in report.findings}
+    assert (
+        "is missing, though the checkpoint file records 1200 entries"
+        in where[(0, 0, "deleted")]
+    )
+    assert where[(9, 0, "inserted")].startswith(
+        "line 0 (is not a valid ledger entry"
+    ), where
