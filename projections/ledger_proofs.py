@@ -334,7 +334,10 @@ def _check_inclusion(doc: dict[str, Any], key: LedgerPublicKey) -> ProofCheck:
     if fields.get("seq") != entry or fields.get("partition") != head.partition:
         problems.append("the entry's own sequence number or partition disagrees")
     if event_id is not None and fields.get("event_id") != event_id:
-        problems.append("the entry is not the event the proof names")
+        problems.append(
+            f"the entry is event {json_preview(fields.get('event_id'))}, not the "
+            f"{json_preview(event_id)} the proof names"
+        )
     if partition != head.partition:
         problems.append("the proof names another partition than its checkpoint")
     details = {

@@ -263,6 +263,18 @@ def test_another_partition_fails_either_proof(
     )
 
 
+def test_another_event_id_fails_naming_both(
+    proofs: tuple[dict[str, Any], dict[str, Any], LedgerPublicKey],
+) -> None:
+    inclusion, _, key = proofs
+    result = check_proof(corrupted(inclusion, ("event_id",), "ffff"), key)
+    entry = json.loads(inclusion["line"])["event_id"]
+    assert (result.ok, result.problems) == (
+        False,
+        [f'the entry is event "{entry}", not the "ffff" the proof names'],
+    )
+
+
 def _check_cli(
     tmp_path: Path, doc: Any, key: LedgerPublicKey
 ) -> subprocess.CompletedProcess[str]:
