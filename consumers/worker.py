@@ -44,6 +44,7 @@ from strata.kafka import (
     CLOSE_TIMEOUT_S,
     bootstrap_of,
     bounded_close,
+    cluster_id,
     existing_end_offsets,
     start_client,
 )
@@ -159,6 +160,7 @@ class Worker:
         #: Set when a round takes the queue.
         self._taken = asyncio.Event()
         self._committed_at = time.monotonic()
+        self._cluster = ""
         self._owned: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
@@ -202,7 +204,10 @@ class Worker:
             self.paths.l2_db, synchronous=self.settings.sqlite_synchronous
         )
         try:
-            self.l2.bind_topic(topic)
+            self._cluster = await cluster_id(self.settings)
+            self.l2.bind_source(
+                topic, self._cluster, {tp.partition: end for tp, end in ends.items()}
+            )
         except StrataError:
             self.l2.close()
             raise
@@ -384,7 +389,7 @@ class Worker:
             return False
         old = self.l2
         self.l2 = L2Projection(current, synchronous=self.settings.sqlite_synchronous)
-        self.l2.bind_topic(self.settings.memory_topic)
+        self.l2.bind_source(self.settings.memory_topic, self._cluster, None)
         old.close()
         assert self._consumer is not None
         for tp in self._owned:

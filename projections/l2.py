@@ -292,18 +292,68 @@ class L2Projection:
         Raises:
             ConfigError: the store was built from another topic.
         """
+        recorded = self._meta("topic", topic)
+        if recorded != topic:
+            raise ConfigError(
+                f"{self.path} projects topic {recorded!r}, not {topic!r}: check "
+                "STRATA_TOPIC_PREFIX, or use another STRATA_DATA_DIR for this topic"
+            )
+
+    def bind_source(
+        self, topic: str, cluster: str, ends: dict[int, int] | None
+    ) -> None:
+        """:meth:`bind_topic`, and check the checkpoints belong to this cluster's
+        topic: its id is the one recorded (recorded now if none was), and no
+        checkpoint is past the end of its partition.
+
+        A topic on a new broker, or deleted and created again, numbers its
+        events from 0 again: checkpoints of the old one would skip them.
+
+        Args:
+            topic: the memory topic.
+            cluster: the Kafka cluster id ("" if the broker gave none).
+            ends: the topic's end offset per partition (None: not checked).
+
+        Raises:
+            ConfigError: the store was built from another topic or cluster.
+        """
+        self.bind_topic(topic)
+        fix = (
+            "rebuild it into a fresh data dir (`strata rebuild --data-dir DIR`) "
+            "or point STRATA_DATA_DIR at the data dir of this broker"
+        )
+        if cluster:
+            recorded = self._meta("cluster", cluster)
+            if recorded != cluster:
+                raise ConfigError(
+                    f"{self.path} projects {topic} of Kafka cluster {recorded}, "
+                    f"but the broker is of cluster {cluster}: its offsets are "
+                    f"not the ones this store applied; {fix}"
+                )
+        for partition, applied in sorted(self.checkpoints().items()):
+            if ends is None:
+                break
+            end = ends.get(partition)
+            if end is None or applied > end:
+                at = "has no such partition" if end is None else f"ends at offset {end}"
+                raise ConfigError(
+                    f"{self.path} has applied partition {partition} of {topic} up "
+                    f"to offset {applied}, but the topic {at}: it is not the "
+                    f"topic this store was built from (deleted and created "
+                    f"again?); {fix}"
+                )
+
+    def _meta(self, name: str, value: str) -> str:
+        """The recorded value of ``name``, recording ``value`` if there is none."""
         row = self._conn.execute(
-            "SELECT value FROM meta WHERE name = 'topic'"
+            "SELECT value FROM meta WHERE name = ?", (name,)
         ).fetchone()
         if row is None:
             self._conn.execute(
-                "INSERT INTO meta (name, value) VALUES ('topic', ?)", (topic,)
+                "INSERT INTO meta (name, value) VALUES (?, ?)", (name, value)
             )
-        elif row[0] != topic:
-            raise ConfigError(
-                f"{self.path} projects topic {row[0]!r}, not {topic!r}: check "
-                "STRATA_TOPIC_PREFIX, or use another STRATA_DATA_DIR for this topic"
-            )
+            return value
+        return str(row[0])
 
     def checkpoint(self, partition: int) -> int:
         """The next offset of ``partition`` this projection has not applied."""

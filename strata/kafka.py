@@ -230,6 +230,32 @@ async def existing_end_offsets(
     return ends
 
 
+async def cluster_id(settings: Settings, *, timeout_s: float = 30.0) -> str:
+    """The id of the Kafka cluster the settings point at.
+
+    Offsets mean something only within one cluster: a store's checkpoints
+    are checked against it (see :meth:`projections.l2.L2Projection.bind_source`).
+
+    Raises:
+        BrokerError: the broker cannot be reached.
+    """
+    bootstrap = bootstrap_of(settings)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await start_client(admin, bootstrap, timeout_s)
+    try:
+        described = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
+    except (TimeoutError, KafkaError) as exc:
+        raise BrokerError(
+            f"Kafka broker at {bootstrap} did not describe its cluster: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        await admin.close()
+    return str(described.get("cluster_id") or "")
+
+
 def missing_topic(settings: Settings, topic: str) -> UsageError:
     """The error for a topic the broker does not have."""
     return UsageError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,37 @@ def test_a_worker_with_nothing_to_do_still_reports_a_damaged_or_lost_keystore(
         assert done.stderr.startswith(f"strata: {keystore}{says}"), done.stderr
         assert done.stderr.count("\n") == 1
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_a_store_of_another_cluster_or_of_a_recreated_topic_is_refused(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """Checkpoints are offsets of one topic on one cluster: a worker pointed at
+    a new broker, or at a topic created again, would skip its events as
+    already applied. It refuses, naming what differs and the way out."""
+    assert _strata(cli_env, "write", "acme", "k", "v").returncode == 0
+    first = _strata(cli_env, "worker", "--until-caught-up")
+    assert first.returncode == 0, first.stderr[-2000:]
+    db = StorePaths(topics.data_dir).l2_db
+    with sqlite3.connect(db) as conn:
+        (cluster,) = conn.execute(
+            "SELECT value FROM meta WHERE name = 'cluster'"
+        ).fetchone()
+        assert cluster
+        conn.execute("UPDATE meta SET value = 'another' WHERE name = 'cluster'")
+    other = _strata(cli_env, "worker", "--until-caught-up")
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert other.stderr.count("\n") == 1, other.stderr
+    assert f"of Kafka cluster another, but the broker is of cluster {cluster}" in (
+        other.stderr
+    )
+    assert "strata rebuild --data-dir DIR" in other.stderr
+
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'cluster'", (cluster,))
+        conn.execute("UPDATE checkpoints SET next_offset = next_offset + 1000")
+    ahead = _strata(cli_env, "worker", "--until-caught-up")
+    assert ahead.returncode == 2, ahead.stderr[-2000:]
+    assert ahead.stderr.count("\n") == 1, ahead.stderr
+    assert "but the topic ends at offset" in ahead.stderr
+    assert "deleted and created again?" in ahead.stderr
