@@ -35,6 +35,7 @@ from consumers.validation import decode_and_validate
 from projections.base import Envelope, FollowerProjection, Outcome
 from projections.l1 import L1Cache
 from projections.l2 import L2Projection, StoredRecord
+from projections.ledger import LedgerProjection
 from projections.registry import build_followers
 from schemas.codec import Codec
 from schemas.events import MemoryDeleted, MemoryWritten, TenantErased
@@ -188,12 +189,16 @@ class Worker:
 
         Raises:
             BrokerError: the broker cannot be reached at start.
-            StoreError: a store cannot be opened at start, or the keystore is
-                damaged or lost.
+            StoreError: a store cannot be opened at start, the keystore is
+                damaged or lost, or the ledger signing key is lost.
+            ConfigError: the data dir was built from another topic or cluster.
         """
         bootstrap = bootstrap_of(self.settings)
         topic = self.settings.memory_topic
         self.keystore.check()
+        for follower in self.followers:
+            if isinstance(follower, LedgerProjection):
+                follower.check_signer()
         ends = await existing_end_offsets(self.settings, topic)
         targets = (
             {tp.partition: off for tp, off in ends.items()}

@@ -302,12 +302,8 @@ class L2Projection:
     def bind_source(
         self, topic: str, cluster: str, ends: dict[int, int] | None
     ) -> None:
-        """:meth:`bind_topic`, and check the checkpoints belong to this cluster's
-        topic: its id is the one recorded (recorded now if none was), and no
-        checkpoint is past the end of its partition.
-
-        A topic on a new broker, or deleted and created again, numbers its
-        events from 0 again: checkpoints of the old one would skip them.
+        """:meth:`bind_topic`, and record the cluster id if none was; then
+        check the store against this source (see :func:`source_mismatch`).
 
         Args:
             topic: the memory topic.
@@ -318,30 +314,12 @@ class L2Projection:
             ConfigError: the store was built from another topic or cluster.
         """
         self.bind_topic(topic)
-        fix = (
-            "rebuild it into a fresh data dir (`strata rebuild --data-dir DIR`) "
-            "or point STRATA_DATA_DIR at the data dir of this broker"
+        recorded = self._meta("cluster", cluster) if cluster else ""
+        problem = source_mismatch(
+            self.path, topic, cluster, recorded, self.checkpoints(), ends
         )
-        if cluster:
-            recorded = self._meta("cluster", cluster)
-            if recorded != cluster:
-                raise ConfigError(
-                    f"{self.path} projects {topic} of Kafka cluster {recorded}, "
-                    f"but the broker is of cluster {cluster}: its offsets are "
-                    f"not the ones this store applied; {fix}"
-                )
-        for partition, applied in sorted(self.checkpoints().items()):
-            if ends is None:
-                break
-            end = ends.get(partition)
-            if end is None or applied > end:
-                at = "has no such partition" if end is None else f"ends at offset {end}"
-                raise ConfigError(
-                    f"{self.path} has applied partition {partition} of {topic} up "
-                    f"to offset {applied}, but the topic {at}: it is not the "
-                    f"topic this store was built from (deleted and created "
-                    f"again?); {fix}"
-                )
+        if problem:
+            raise ConfigError(problem)
 
     def _meta(self, name: str, value: str) -> str:
         """The recorded value of ``name``, recording ``value`` if there is none."""
@@ -771,6 +749,53 @@ def _has_schema(conn: sqlite3.Connection) -> bool:
     return row is not None
 
 
+def source_mismatch(
+    path: Path,
+    topic: str,
+    cluster: str,
+    recorded: str,
+    checkpoints: dict[int, int],
+    ends: dict[int, int] | None,
+) -> str | None:
+    """Why a store's checkpoints do not belong to this cluster's topic, if so.
+
+    Offsets mean something only within one topic of one cluster: a topic on
+    a new broker, or deleted and created again, numbers its events from 0,
+    and checkpoints of the old one would skip them as applied.
+
+    Args:
+        path: the store, for the message.
+        topic: the memory topic.
+        cluster: the broker's cluster id ("" when unknown: not compared).
+        recorded: the cluster id the store recorded ("" when none).
+        checkpoints: the store's checkpoint per partition.
+        ends: the topic's end offset per partition (None: not compared).
+    """
+    fix = (
+        "if this broker is now the source, rebuild the stores from it with "
+        "`strata rebuild` (the keys stay); otherwise point "
+        "STRATA_KAFKA_BOOTSTRAP at the broker this data dir was built from"
+    )
+    if cluster and recorded and recorded != cluster:
+        return (
+            f"{path} projects {topic} of Kafka cluster {recorded}, but the broker "
+            f"is of cluster {cluster}: its offsets are not the ones this store "
+            f"applied; {fix}"
+        )
+    for partition, applied in sorted(checkpoints.items()):
+        if ends is None:
+            break
+        end = ends.get(partition)
+        if end is None or applied > end:
+            at = "has no such partition" if end is None else f"ends at offset {end}"
+            return (
+                f"{path} has applied partition {partition} of {topic} up to offset "
+                f"{applied}, but the topic {at}: it is not the topic this store "
+                f"was built from (deleted and created again?); {fix}"
+            )
+    return None
+
+
 class L2Reader:
     """Read access to L2 for the read API; never writes.
 
@@ -849,6 +874,16 @@ class L2Reader:
                 f"{self.path} holds topic {row[0]!r}, not {topic!r}: check "
                 "STRATA_TOPIC_PREFIX, or use the data dir of this topic"
             )
+
+    def recorded_cluster(self) -> str:
+        """The Kafka cluster id the store recorded, or "" if none."""
+        db = self._db()
+        row = (
+            db.execute("SELECT value FROM meta WHERE name = 'cluster'").fetchone()
+            if db
+            else None
+        )
+        return str(row[0]) if row else ""
 
     def is_erased(self, tenant: str) -> bool:
         """Whether a TenantErased event for this tenant was projected."""

@@ -155,6 +155,19 @@ class LedgerProjection:
                 self._signer = load_or_create_signer(keys, settings.master_key_path)
             return self._signer
 
+    def check_signer(self) -> None:
+        """Refuse a signing key file lost after it signed this ledger's heads,
+        before anything is appended that it would have to sign.
+
+        Raises:
+            StoreError: the key file is gone while the ledger holds heads it
+                signed.
+        """
+        if self._signer is None:
+            self._refuse_lost_signer(
+                signing_key_path(StorePaths(self.settings.data_dir).keys)
+            )
+
     def _refuse_lost_signer(self, path: Path) -> None:
         """Refuse to create a signing key where one signed this ledger's heads:
         a new key would fail every earlier head's signature."""

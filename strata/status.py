@@ -9,11 +9,12 @@ from typing import Any
 import structlog
 
 from consumers.dlq import read_dead_letters
-from projections.l2 import L2Reader
+from projections.l2 import L2Reader, source_mismatch
 from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
-from strata.kafka import end_offsets, missing_topic
+from strata.errors import ConfigError
+from strata.kafka import cluster_id, end_offsets, missing_topic
 from strata.paths import StorePaths
 
 log = structlog.get_logger(__name__)
@@ -24,6 +25,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 
     Raises:
         UsageError: the memory topic does not exist.
+        ConfigError: the data dir was built from another topic or cluster.
     """
     paths = StorePaths(settings.data_dir)
     ends = await end_offsets(settings, [settings.memory_topic, settings.dlq_topic])
@@ -31,8 +33,27 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         # An empty table with no lag would read as "all caught up".
         raise missing_topic(settings, settings.memory_topic)
     l2 = L2Reader(paths.l2_db)
-    l2_ckpts = l2.checkpoints()
-    l2.close()
+    try:
+        l2.check_topic(settings.memory_topic)
+        l2_ckpts = l2.checkpoints()
+        recorded = l2.recorded_cluster()
+    finally:
+        l2.close()
+    problem = source_mismatch(
+        l2.path,
+        settings.memory_topic,
+        await cluster_id(settings) if recorded else "",
+        recorded,
+        l2_ckpts,
+        {
+            tp.partition: end
+            for tp, end in ends.items()
+            if tp.topic == settings.memory_topic
+        },
+    )
+    if problem:
+        # Lag against another topic's offsets would read as "caught up".
+        raise ConfigError(problem)
     ledger_ckpts = LedgerProjection(paths.ledger).checkpoints()
     l3 = L3Reader(paths.l3)
     l3_ckpts = l3.checkpoints()

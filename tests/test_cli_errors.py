@@ -149,19 +149,49 @@ def test_a_store_of_another_cluster_or_of_a_recreated_topic_is_refused(
         ).fetchone()
         assert cluster
         conn.execute("UPDATE meta SET value = 'another' WHERE name = 'cluster'")
-    other = _strata(cli_env, "worker", "--until-caught-up")
-    assert other.returncode == 2, other.stderr[-2000:]
-    assert other.stderr.count("\n") == 1, other.stderr
-    assert f"of Kafka cluster another, but the broker is of cluster {cluster}" in (
-        other.stderr
-    )
-    assert "strata rebuild --data-dir DIR" in other.stderr
+    for command in (("worker", "--until-caught-up"), ("status",)):
+        other = _strata(cli_env, *command)
+        assert other.returncode == 2, other.stderr[-2000:]
+        assert other.stderr.count("\n") == 1, other.stderr
+        assert f"of Kafka cluster another, but the broker is of cluster {cluster}" in (
+            other.stderr
+        )
+        assert "rebuild the stores from it with `strata rebuild`" in other.stderr
 
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value = ? WHERE name = 'cluster'", (cluster,))
         conn.execute("UPDATE checkpoints SET next_offset = next_offset + 1000")
-    ahead = _strata(cli_env, "worker", "--until-caught-up")
-    assert ahead.returncode == 2, ahead.stderr[-2000:]
-    assert ahead.stderr.count("\n") == 1, ahead.stderr
-    assert "but the topic ends at offset" in ahead.stderr
-    assert "deleted and created again?" in ahead.stderr
+    for command in (("worker", "--until-caught-up"), ("status",)):
+        ahead = _strata(cli_env, *command)
+        assert ahead.returncode == 2, ahead.stderr[-2000:]
+        assert ahead.stderr.count("\n") == 1, ahead.stderr
+        assert "but the topic ends at offset" in ahead.stderr
+        assert "deleted and created again?" in ahead.stderr
+
+    # The way out the message gives: the stores rebuilt in place, keys kept.
+    rebuilt = _strata(cli_env, "rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert _strata(cli_env, "status").returncode == 0
+    got = _strata(cli_env, "get", "acme", "k")
+    assert (got.returncode, got.stdout.strip()) == (0, "v"), got
+
+
+def test_a_lost_ledger_signing_key_stops_the_worker_and_signing_at_once(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """Not a warning per round while unsigned entries pile up, nor 'nothing to
+    sign': the file must be restored, and nothing creates another."""
+    assert _strata(cli_env, "write", "acme", "k", "v").returncode == 0
+    assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0
+    assert _strata(cli_env, "ledger", "sign").returncode == 0
+    signing = StorePaths(topics.data_dir).keys / "ledger-signing.json"
+    kept = signing.read_bytes()
+    signing.unlink()
+    for command in (("worker", "--until-caught-up"), ("ledger", "sign")):
+        done = _strata(cli_env, *command)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert f"ledger signing key {signing} is missing, but the ledger" in done.stderr
+        assert not signing.exists()
+    signing.write_bytes(kept)
+    assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0

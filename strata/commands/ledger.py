@@ -296,6 +296,7 @@ def ledger_sign_cmd(as_json: JsonOpt = False) -> None:
 
     cfg = settings()
     ledger = LedgerProjection(_paths().ledger, settings=cfg)
+    ledger.check_signer()
     signed = []
     for partition in partitions_in(ledger.directory):
         head = ledger.sign_now(partition)
