@@ -498,17 +498,35 @@ def _append_durably(path: Path, data: bytes) -> None:
         os.fdatasync(out.fileno())
 
 
+#: Where lines cut from past a checkpoint are kept, beside the partition files.
+DISCARDED = "discarded"
+
+
 def _cut_tail(path: Path, size: int, partition: int, what: str) -> None:
+    """Cut what lies past the checkpoint, keeping a copy of it under
+    :data:`DISCARDED`: a crash's leftovers, or lines someone added, which an
+    auditor may want to see."""
     try:
         actual = path.stat().st_size
     except FileNotFoundError:
-        actual = 0
+        if size:
+            raise StoreError(
+                f"ledger {path} is missing, but its checkpoint says it holds "
+                f"{size} bytes: it was deleted (run `strata ledger verify`)"
+            ) from None
+        return
     if actual > size:
+        kept = path.parent / DISCARDED / f"{path.name}.{time.time_ns()}"
+        kept.parent.mkdir(exist_ok=True)
+        with path.open("rb") as src:
+            src.seek(size)
+            _append_durably(kept, src.read())
         log.warning(
             "ledger.tail_discarded",
             partition=partition,
             file=path.name,
             bytes=actual - size,
+            kept=str(kept),
             consequence=f"{what} past the checkpoint are written again",
         )
         os.truncate(path, size)

@@ -89,7 +89,8 @@ def _parse_line(pos: int, raw: bytes) -> _Line:
             raise TypeError(f"unknown action {doc['action']!r}")
     except (ValueError, KeyError, TypeError) as exc:
         # Keep what can still be read, so the line can be placed in the order.
-        line.problem = f"it is not a valid ledger entry ({exc})"
+        why = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else exc
+        line.problem = f"it is not a valid ledger entry: {why}"
         if m := _SEQ_RE.match(raw):
             line.seq = int(m.group(1))
         if m := _PREV_RE.search(raw):
@@ -265,7 +266,7 @@ class _Diagnosis:
                     claim = (
                         f"(claiming entry {ln.seq})"
                         if ln.seq >= 0
-                        else f"({ln.problem.removeprefix('it ')})"
+                        else f"({ln.problem.removeprefix('it ').replace(': ', ', ', 1)})"
                     )
                     self.report(
                         ln.pos,

@@ -210,12 +210,17 @@ async def test_a_crash_before_the_checkpoint_is_cut_and_replayed_once(
     await crashed.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 119)
     ckpt.write_bytes(before)  # the replace never happened
     assert verify_ledger(crashed.directory, signer.public_key).ok  # a pending tail
+    log_bytes = (crashed.directory / "p00000.log").read_bytes()
+    cut_at = read_state(crashed.directory, 0).size
 
     fresh = LedgerProjection(
         crashed.directory, settings=ledger_settings(tmp_path, 10), signer=signer
     )
     used = await fresh.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 119)
     assert used == 30
+    # What was cut is kept aside, byte for byte, for whoever audits the crash.
+    (kept,) = (crashed.directory / "discarded").glob("p00000.log.*")
+    assert kept.read_bytes() == log_bytes[cut_at:]
     assert (crashed.directory / "p00000.log").read_bytes() == (
         steady.directory / "p00000.log"
     ).read_bytes()
