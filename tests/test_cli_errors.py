@@ -48,7 +48,9 @@ def test_a_usage_mistake_is_one_line_naming_it(
     assert done.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["rotate", "verify", "retire", "rollback", "shred"])
+@pytest.mark.parametrize(
+    "command", ["rotate", "verify", "retire", "rollback", "shred", "list"]
+)
 @pytest.mark.parametrize("tenant", ["", "bad tenant!", "a/b"])
 def test_a_keys_command_names_the_rule_a_tenant_breaks(
     cli_env: dict[str, str], command: str, tenant: str

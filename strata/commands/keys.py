@@ -37,6 +37,10 @@ def keys_list_cmd(tenant: TenantOpt = None, as_json: JsonOpt = False) -> None:
     Refuses a damaged keystore, or one lacking entries the KMS holds keys
     for, as reads and writes do; it does not call the KMS to unwrap keys.
     """
+    from strata.validation import check_tenant
+
+    if tenant is not None:
+        check_tenant(tenant)
     keyring = _keyring()
     keyring.check()
     names = [tenant] if tenant else keyring.tenants()
@@ -274,7 +278,8 @@ def keys_shred_cmd(
         )
         print(
             f"  key versions destroyed: {receipt['key_versions_destroyed']} "
-            f"(KMS {receipt['kms']}: key deleted {receipt['kms_key_deleted']})"
+            f"(KMS {receipt['kms']}: "
+            f"{'key deleted' if receipt['kms_key_deleted'] else 'key NOT deleted yet'})"
         )
         print(
             f"  records held when the keys were destroyed: l2 {purged['l2']}, "

@@ -40,10 +40,15 @@ def _write_out(path: Path, doc: dict[str, Any]) -> None:
         raise UsageError(f"--out {path}: {exc.strerror}") from exc
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _print_report(report: VerifyReport) -> None:
     state = "verified" if report.ok else "FAILED"
     print(
-        f"ledger {state}: {report.entries} entries in {report.partitions} partitions "
+        f"ledger {state}: {_count(report.entries, 'entry', 'entries')} in "
+        f"{_count(report.partitions, 'partition', 'partitions')} "
         f"({report.seconds:.2f}s)"
     )
     for s in report.summaries:
@@ -54,14 +59,15 @@ def _print_report(report: VerifyReport) -> None:
         else:
             signed = "not signed yet"
         print(
-            f"  partition {s.partition}: {s.entries} entries, {signed}, root {s.root}"
+            f"  partition {s.partition}: {_count(s.entries, 'entry', 'entries')}, "
+            f"{signed}, root {s.root}"
         )
         if s.uncommitted:
             print(
-                f"    and {s.uncommitted} line{'s' if s.uncommitted > 1 else ''} "
-                "past its checkpoint, not part of the ledger: written by a worker "
-                "that has not recorded its checkpoint yet, or stopped before it "
-                "did (its next start discards them)"
+                f"    and {_count(s.uncommitted, 'line', 'lines')} past its "
+                "checkpoint, not part of the ledger: written by a worker that has "
+                "not recorded its checkpoint yet, or stopped before it did (its "
+                "next start moves them to ledger/discarded/)"
             )
     for f in report.findings:
         where = f"entry {f.entry}" if f.entry is not None else "-"
