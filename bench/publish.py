@@ -2,8 +2,8 @@
 
 Three publishers, each on a fresh topic of the workload's partitions, taking
 turns: each sends a tenth of the writes, then the next one does, in an order
-that rotates from run to run, so the machine's slow spells fall on all three
-alike. Producers start, and keys exist, before any clock starts.
+that rotates from turn to turn and run to run, so the machine's slow spells,
+and what one publisher leaves the next to absorb, fall on all three alike. Producers start, and keys exist, before any clock starts.
 
 * ``aiokafka``: pre-sealed, pre-encoded values through a raw producer with
   Strata's producer options (idempotent, ``acks=all``, ``linger_ms=5``);
@@ -90,8 +90,13 @@ async def _take_turns(
             )
             for name in order
         }
-        for first in range(0, len(writes), size):
-            for name in order:
+        for turn, first in enumerate(range(0, len(writes), size)):
+            # Each turn starts with another publisher, so none always follows
+            # the same one: a publisher leaves the broker and the heap busy
+            # for a while after its last acknowledgement, and a fixed cycle
+            # charged that to the same successor every turn.
+            shift = turn % len(order)
+            for name in order[shift:] + order[:shift]:
                 began = time.perf_counter()
                 await senders[name](first, min(first + size, len(writes)))
                 spent[name] += time.perf_counter() - began
