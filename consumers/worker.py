@@ -666,25 +666,27 @@ class Worker:
             }:
                 self.l1.discard(event.tenant, event.key)
             elif isinstance(event, MemoryWritten):
+                # Positional: once per projected write, and keywords cost
+                # twice as much.
                 self.l1.put(
                     StoredRecord(
-                        tenant=event.tenant,
-                        key=event.key,
-                        version=outcome.version,
-                        deleted=False,
-                        cls=event.cls,
-                        updated_ms=event.time_ms,
-                        partition=env.partition,
-                        offset=env.offset,
-                        tier="l2",
-                        event_id=event.event_id,
-                        agent=event.agent,
-                        key_id=event.key_id,
-                        key_version=event.key_version,
-                        nonce=event.nonce,
-                        ciphertext=event.ciphertext,
-                        content_hash=event.content_hash,
-                        metadata=event.metadata,
+                        event.tenant,
+                        event.key,
+                        outcome.version,
+                        False,
+                        event.cls,
+                        event.time_ms,
+                        env.partition,
+                        env.offset,
+                        "l2",
+                        event.event_id,
+                        event.agent,
+                        event.key_id,
+                        event.key_version,
+                        event.nonce,
+                        event.ciphertext,
+                        event.content_hash,
+                        event.metadata,
                     )
                 )
 

@@ -144,9 +144,12 @@ _RECORD_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
-    """One version of a record as L2 holds it: ciphertext, never plaintext."""
+class StoredRecord(NamedTuple):
+    """One version of a record as L2 holds it: ciphertext, never plaintext.
+
+    A named tuple: the worker builds one per projected write for L1, and a
+    frozen dataclass of these 17 fields cost it 7 µs an event to construct.
+    """
 
     tenant: str
     key: str
