@@ -334,6 +334,7 @@ def get_cmd(
 async def _check_token(settings: Settings, token: WriteToken, shown: str) -> None:
     """Refuse a token no write could have returned, rather than wait for it."""
     from strata.kafka import end_offsets
+    from strata.status import check_store_source
 
     topic = settings.memory_topic
     ends = {
@@ -349,6 +350,9 @@ async def _check_token(settings: Settings, token: WriteToken, shown: str) -> Non
             f"--wait {shown}: partition {token.partition} of {topic} ends at offset "
             f"{ends[token.partition]}; no write has offset {token.offset} yet"
         )
+    # A store of another cluster's topic may be past the token already, and
+    # would answer with what it holds instead of the write.
+    await check_store_source(settings, ends)
 
 
 @app.command("history")

@@ -32,28 +32,15 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     if not any(tp.topic == settings.memory_topic for tp in ends):
         # An empty table with no lag would read as "all caught up".
         raise missing_topic(settings, settings.memory_topic)
-    l2 = L2Reader(paths.l2_db)
-    try:
-        l2.check_topic(settings.memory_topic)
-        l2_ckpts = l2.checkpoints()
-        recorded = l2.recorded_cluster()
-    finally:
-        l2.close()
-    problem = source_mismatch(
-        l2.path,
-        settings.memory_topic,
-        await cluster_id(settings) if recorded else "",
-        recorded,
-        l2_ckpts,
+    # Lag against another topic's offsets would read as "caught up".
+    l2_ckpts = await check_store_source(
+        settings,
         {
             tp.partition: end
             for tp, end in ends.items()
             if tp.topic == settings.memory_topic
         },
     )
-    if problem:
-        # Lag against another topic's offsets would read as "caught up".
-        raise ConfigError(problem)
     ledger_ckpts = LedgerProjection(paths.ledger).checkpoints()
     l3 = L3Reader(paths.l3)
     l3_ckpts = l3.checkpoints()
@@ -89,6 +76,36 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         "workers": workers,
         "blocked": any(w["blocked"] for w in workers if w["alive"]),
     }
+
+
+async def check_store_source(
+    settings: Settings, ends: dict[int, int]
+) -> dict[int, int]:
+    """Refuse a data dir whose L2 was built from another topic or cluster, or
+    whose checkpoints are past these end offsets; return L2's checkpoints.
+
+    Raises:
+        ConfigError: as :func:`projections.l2.source_mismatch` finds.
+        BrokerError: the broker cannot be asked for its cluster id.
+    """
+    l2 = L2Reader(StorePaths(settings.data_dir).l2_db)
+    try:
+        l2.check_topic(settings.memory_topic)
+        checkpoints = l2.checkpoints()
+        recorded = l2.recorded_cluster()
+    finally:
+        l2.close()
+    problem = source_mismatch(
+        l2.path,
+        settings.memory_topic,
+        await cluster_id(settings) if recorded else "",
+        recorded,
+        checkpoints,
+        ends,
+    )
+    if problem:
+        raise ConfigError(problem)
+    return checkpoints
 
 
 def read_worker_states(paths: StorePaths) -> list[dict[str, Any]]:

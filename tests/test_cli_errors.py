@@ -141,7 +141,9 @@ def test_a_store_of_another_cluster_or_of_a_recreated_topic_is_refused(
     """Checkpoints are offsets of one topic on one cluster: a worker pointed at
     a new broker, or at a topic created again, would skip its events as
     already applied. It refuses, naming what differs and the way out."""
-    assert _strata(cli_env, "write", "acme", "k", "v").returncode == 0
+    written = _strata(cli_env, "write", "acme", "k", "v")
+    assert written.returncode == 0, written.stderr
+    token = written.stdout.strip()
     first = _strata(cli_env, "worker", "--until-caught-up")
     assert first.returncode == 0, first.stderr[-2000:]
     db = StorePaths(topics.data_dir).l2_db
@@ -151,7 +153,8 @@ def test_a_store_of_another_cluster_or_of_a_recreated_topic_is_refused(
         ).fetchone()
         assert cluster
         conn.execute("UPDATE meta SET value = 'another' WHERE name = 'cluster'")
-    for command in (("worker", "--until-caught-up"), ("status",)):
+    reads = ("get", "acme", "k", "--wait", token)
+    for command in (("worker", "--until-caught-up"), ("status",), reads):
         other = _strata(cli_env, *command)
         assert other.returncode == 2, other.stderr[-2000:]
         assert other.stderr.count("\n") == 1, other.stderr
