@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +66,9 @@ __all__ = [
     "KeyVersionInfo",
     "Keyring",
     "LocalKeystore",
+    "is_key_id_of",
     "key_id_for",
+    "tenant_tag",
     "load_or_create_master_key",
     "open_keystore",
 ]
@@ -190,9 +193,32 @@ class Erasure:
     purged: dict[str, int] = field(default_factory=dict)
 
 
+def tenant_tag(tenant: str) -> str:
+    """The part of a key id that names its tenant: 12 hex digits of a hash,
+    revealing nothing beyond equality."""
+    return hashlib.sha256(b"strata/key-id/" + tenant.encode()).hexdigest()[:12]
+
+
 def key_id_for(tenant: str) -> str:
-    """A tenant's opaque key id: stable, and reveals nothing beyond equality."""
-    return "tk_" + hashlib.sha256(b"strata/key-id/" + tenant.encode()).hexdigest()[:20]
+    """A new key id for a tenant: ``tk_``, its :func:`tenant_tag`, and 8 random
+    hex digits.
+
+    The random part makes each keystore's key id its own: a write sealed by
+    a keystore the workers do not have (another data dir, a lost file started
+    afresh) names a key they do not know, and is dead-lettered as such
+    instead of projected under a key that cannot open it. Keystores made
+    before held the first 20 digits of the same hash; both forms are kept.
+    """
+    return f"tk_{tenant_tag(tenant)}{secrets.token_hex(4)}"
+
+
+def is_key_id_of(key_id: str, tenant: str) -> bool:
+    """Whether ``key_id`` is a key id :func:`key_id_for` could give ``tenant``."""
+    return (
+        len(key_id) == 23
+        and key_id.startswith(f"tk_{tenant_tag(tenant)}")
+        and all(c in "0123456789abcdef" for c in key_id[3:])
+    )
 
 
 _KMS_KEY_PREFIX = "strata-"
@@ -333,15 +359,14 @@ class Keyring:
         """
         tenants: dict[str, Any] = self._doc()["tenants"]
         for tenant, entry in tenants.items():
-            expected = key_id_for(tenant)
-            if entry["key_id"] != expected:
+            if not is_key_id_of(entry["key_id"], tenant):
                 raise StoreError(
                     f"{self._state.path}: damaged: tenants.{tenant}.key_id: "
-                    f"{entry['key_id']} is not the key id of tenant {tenant!r} "
-                    f"({expected}); the entry was renamed or altered: restore the "
-                    "keystore"
+                    f"{entry['key_id']} is not a key id of tenant {tenant!r} "
+                    f"(tk_{tenant_tag(tenant)} then 8 hex digits); the entry was "
+                    "renamed or altered: restore the keystore"
                 )
-        claimed = {_kms_key_name(key_id_for(t)) for t in tenants}
+        claimed = {_kms_key_name(entry["key_id"]) for entry in tenants.values()}
         held = [n for n in self.kms.key_names() if n.startswith(_KMS_KEY_PREFIX)]
         lost = sorted(set(held) - claimed)
         if lost and not tenants:
@@ -362,10 +387,11 @@ class Keyring:
         Raises:
             StoreError: the KMS holds the tenant's key.
         """
-        name = _kms_key_name(key_id_for(tenant))
-        if name in self.kms.key_names():
+        prefix = _kms_key_name(f"tk_{tenant_tag(tenant)}")
+        held = sorted(n for n in self.kms.key_names() if n.startswith(prefix))
+        if held:
             raise self._lost(
-                f"the key of tenant {tenant!r} ({name})",
+                f"the key of tenant {tenant!r} ({held[0]})",
                 lacking=f"has no entry for tenant {tenant!r}",
             )
 

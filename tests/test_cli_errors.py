@@ -200,3 +200,21 @@ def test_a_lost_ledger_signing_key_stops_the_worker_and_signing_at_once(
         assert not signing.exists()
     signing.write_bytes(kept)
     assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0
+
+
+def test_a_write_sealed_by_another_keystore_is_dead_lettered_not_applied(
+    topics: Settings, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A writer pointed at the wrong data dir starts a keystore of its own: its
+    key id is its own too, so the workers refuse the event by name instead of
+    projecting a ciphertext no key of theirs opens."""
+    assert _strata(cli_env, "write", "acme", "k", "v").returncode == 0
+    elsewhere = {**cli_env, "STRATA_DATA_DIR": str(tmp_path / "elsewhere")}
+    assert _strata(elsewhere, "write", "acme", "k", "stray").returncode == 0
+    done = _strata(cli_env, "worker", "--until-caught-up")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(1 dead-lettered)" in done.stdout, done.stdout
+    letters = _strata(cli_env, "dlq", "list")
+    assert "fields key_id/key_version: tenant 'acme' has no key tk_" in letters.stdout
+    got = _strata(cli_env, "get", "acme", "k")
+    assert (got.returncode, got.stdout) == (0, "v\n"), got

@@ -40,7 +40,7 @@ from strata.crypto import open_sealed
 from strata.erasure import erase_tenant
 from strata.errors import ErasedError, KeyUnavailableError, UsageError
 from strata.kafka import end_offsets
-from strata.keystore import Keyring, key_id_for, open_keystore
+from strata.keystore import Keyring, open_keystore, tenant_tag
 from strata.kms import KmsServer, LocalKms
 from strata.paths import StorePaths
 
@@ -166,11 +166,11 @@ def _leaks(haystacks: dict[str, bytes], secrets: dict[str, bytes]) -> list[str]:
 def _keks(kms: LocalKms, *tenants: str) -> dict[str, bytes]:
     """The tenants' key-encryption keys, read from inside the local KMS."""
     found = {}
+    keys = json.loads(_kms_file(kms).read_text())["keys"]
     for tenant in tenants:
-        name = f"strata-{key_id_for(tenant)}"
+        (name,) = [n for n in keys if n.startswith(f"strata-tk_{tenant_tag(tenant)}")]
         for version in kms.key_versions(name):
-            entry = json.loads(_kms_file(kms).read_text())["keys"][name]
-            found[f"{tenant} kek v{version}"] = kms._kek(name, version, entry)
+            found[f"{tenant} kek v{version}"] = kms._kek(name, version, keys[name])
     return found
 
 
