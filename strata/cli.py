@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,9 +25,14 @@ from strata.commands._common import settings as _settings
 from strata.config import Settings
 from strata.errors import BrokerError, StrataError, UsageError
 from strata.logging import configure_logging
+from strata.validation import check_text
 
 if TYPE_CHECKING:
     from projections.reader import WriteToken
+
+
+#: The largest offset or version an event or store can hold (Avro long, SQLite INTEGER).
+_MAX_LONG = 2**63 - 1
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -177,7 +183,8 @@ def _payload(text: str | None, file: Path | None) -> bytes:
         raise UsageError("no payload: give TEXT, --file F, or '-' for standard input")
     if text == "-":
         return sys.stdin.buffer.read()
-    return text.encode()
+    # The bytes as given: what was not UTF-8 came in as surrogate escapes.
+    return os.fsencode(text)
 
 
 def _metadata(pairs: list[str] | None) -> dict[str, str]:
@@ -186,7 +193,7 @@ def _metadata(pairs: list[str] | None) -> dict[str, str]:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise UsageError(f"--meta {pair!r}: expected NAME=VALUE")
-        meta[name] = value
+        meta[check_text("--meta", name)] = check_text("--meta", value)
     return meta
 
 
@@ -205,7 +212,9 @@ def write_cmd(
     expect_version: Annotated[
         int | None,
         typer.Option(
-            "--expect-version", help="Apply only if the key is at this version."
+            "--expect-version",
+            max=_MAX_LONG,
+            help="Apply only if the key is at this version.",
         ),
     ] = None,
     meta: Annotated[
@@ -245,7 +254,9 @@ def delete_cmd(
     tenant: str,
     key: str,
     agent: Annotated[str, typer.Option(help="The deleting agent.")] = "cli",
-    expect_version: Annotated[int | None, typer.Option("--expect-version")] = None,
+    expect_version: Annotated[
+        int | None, typer.Option("--expect-version", max=_MAX_LONG)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Publish a delete; print its token."""
@@ -284,6 +295,11 @@ def _reader(settings: Settings) -> Any:
     from strata.keystore import open_keystore
     from strata.paths import StorePaths
 
+    if not settings.data_dir.is_dir():
+        # Not "not found": the records may well exist, in the data dir meant.
+        raise UsageError(
+            f"data dir {settings.data_dir} does not exist: check STRATA_DATA_DIR"
+        )
     reader = Reader.from_paths(StorePaths(settings.data_dir), open_keystore(settings))
     reader.l2.check_topic(settings.memory_topic)
     return reader
@@ -298,6 +314,7 @@ def get_cmd(
         typer.Option(
             "--as-of",
             min=0,
+            max=_MAX_LONG,
             help="The value once the key's partition was projected to OFFSET.",
         ),
     ] = None,
@@ -386,6 +403,8 @@ def list_cmd(
 ) -> None:
     """List a tenant's live keys."""
     _check_names(tenant)
+    if prefix is not None:
+        check_text("--prefix", prefix)
     rows = _reader(_settings()).list(tenant, prefix=prefix, cls=cls)
     items = [{"key": k, "version": v, "cls": c, "updated_ms": t} for k, v, c, t in rows]
     _emit(

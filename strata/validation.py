@@ -12,6 +12,22 @@ MAX_KEY_CHARS = 1024
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+_UNDECODED_RE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_text(what: str, value: str) -> str:
+    """Refuse text holding bytes that were not UTF-8 (a command line or file
+    name decoded with ``surrogateescape``): they can be neither encoded for an
+    event nor stored.
+    """
+    if _UNDECODED_RE.search(value):
+        raise UsageError(
+            f"{what} {value!r}: not valid UTF-8 (bytes the command line could "
+            "not decode)"
+        )
+    return value
+
+
 def is_tenant(name: str) -> bool:
     """Whether ``name`` is a valid tenant name (see :func:`check_tenant`)."""
     return _TENANT_RE.fullmatch(name) is not None
@@ -36,7 +52,7 @@ def check_key(key: str) -> str:
         raise UsageError(f"key: must be 1-{MAX_KEY_CHARS} characters, got {len(key)}")
     if _CONTROL_RE.search(key):
         raise UsageError(f"key {key!r}: control characters are not allowed")
-    return key
+    return check_text("key", key)
 
 
 def check_class(cls: str) -> str:
@@ -54,4 +70,4 @@ def check_agent(agent: str) -> str:
         raise UsageError(
             f"agent {agent!r}: use 1-256 printable characters, not only spaces"
         )
-    return agent
+    return check_text("agent", agent)

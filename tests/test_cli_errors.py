@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import sqlite3
 import subprocess
@@ -32,6 +34,11 @@ def _strata(env: dict[str, str] | None, *args: str) -> subprocess.CompletedProce
         (("--bogus",), "--bogus"),
         (("write", "acme", "k", "v", "--expect-version", "abc"), "--expect-version"),
         (("get", "acme", "k", "--as-of", "-1"), "--as-of"),
+        (("get", "acme", "k", "--as-of", "99999999999999999999999"), "--as-of"),
+        (
+            ("write", "acme", "k", "v", "--expect-version", str(2**63)),
+            "--expect-version",
+        ),
         (("nosuchcommand",), "nosuchcommand"),
         (("--log-level", "LOUD", "status"), "--log-level"),
         (("worker", "--group", ""), "--group"),
@@ -218,3 +225,66 @@ def test_a_write_sealed_by_another_keystore_is_dead_lettered_not_applied(
     assert "fields key_id/key_version: tenant 'acme' has no key tk_" in letters.stdout
     got = _strata(cli_env, "get", "acme", "k")
     assert (got.returncode, got.stdout) == (0, "v\n"), got
+
+
+def test_reading_a_data_dir_that_does_not_exist_is_refused(
+    topics: Settings, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Not 'not found' or an empty list: the records may be in the data dir meant."""
+    nowhere = tmp_path / "nowhere"
+    env = {**cli_env, "STRATA_DATA_DIR": str(nowhere)}
+    for command in (
+        ("get", "acme", "k"),
+        ("history", "acme", "k"),
+        ("list", "acme"),
+        ("status",),
+    ):
+        done = _strata(env, *command)
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        assert done.stderr == (
+            f"strata: data dir {nowhere} does not exist: check STRATA_DATA_DIR\n"
+        ), command
+        assert not nowhere.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("write", "acme", "bad\udcffkey", "v"), "key 'bad\\udcffkey'"),
+        (("get", "acme", "bad\udcffkey"), "key 'bad\\udcffkey'"),
+        (("history", "acme", "bad\udcffkey"), "key 'bad\\udcffkey'"),
+        (("delete", "acme", "\udcff"), "key '\\udcff'"),
+        (("list", "acme", "--prefix", "\udcff"), "--prefix '\\udcff'"),
+        (("write", "acme", "k", "v", "--meta", "a=\udcff"), "--meta '\\udcff'"),
+        (("write", "acme", "k", "v", "--agent", "\udcff"), "agent '\\udcff'"),
+        (("backfill", "--from-dir", ".", "--source", "\udcff"), "--source '\\udcff'"),
+    ],
+)
+def test_bytes_that_are_not_utf8_in_a_name_are_refused_by_name(
+    topics: Settings, cli_env: dict[str, str], args: tuple[str, ...], named: str
+) -> None:
+    """A command line is decoded with surrogate escapes; such text can be
+    neither encoded into an event nor stored, and used to end in a traceback."""
+    done = _strata(cli_env, *args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (
+        f"strata: {named}: not valid UTF-8 (bytes the command line could not decode)\n"
+    )
+
+
+def test_a_payload_argument_keeps_the_bytes_given(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """Bytes that are not UTF-8 are the payload as given, not an error."""
+    assert _strata(cli_env, "write", "acme", "k", "\udcff\udcfe").returncode == 0
+    assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0
+    got = subprocess.run(
+        [sys.executable, "-m", "strata", "get", "acme", "k", "--json"],
+        env=cli_env,
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert got.returncode == 0, got.stderr
+    payload = json.loads(got.stdout)["payload"]
+    assert base64.b64decode(payload["base64"]) == b"\xff\xfe"

@@ -51,7 +51,11 @@ def backfill_cmd(
     Exit status 1 when a record failed or does not read back as its source.
     """
     from producers.backfill import run_backfill
+    from strata.validation import check_tenant, check_text
 
+    if tenant is not None:
+        check_tenant(tenant)
+    check_text("--source", source)
     cfg = settings()
     options: dict[str, Any] = {
         "tenant": tenant,
