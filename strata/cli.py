@@ -219,7 +219,7 @@ def write_cmd(
     ] = None,
     meta: Annotated[
         list[str] | None,
-        typer.Option("--meta", help="Metadata NAME=VALUE (repeatable)."),
+        typer.Option("--meta", help="Metadata NAME=VALUE (repeatable; not encrypted)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
