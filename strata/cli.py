@@ -666,7 +666,13 @@ def main() -> None:
         # One line, like every other error, instead of the framework's box.
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "strata"
-        sys.stderr.write(f"{where}: {exc.format_message()} (see --help)\n")
+        message = exc.format_message()
+        # Without a command the help was printed already: it says the rest.
+        sys.stderr.write(
+            f"{where}: {message} (see --help)\n"
+            if message
+            else f"{where}: no command given\n"
+        )
         sys.exit(exc.exit_code)
     except _CLI_ERROR as exc:
         sys.stderr.write(f"strata: {exc.format_message()}\n")

@@ -288,3 +288,14 @@ def test_a_payload_argument_keeps_the_bytes_given(
     assert got.returncode == 0, got.stderr
     payload = json.loads(got.stdout)["payload"]
     assert base64.b64decode(payload["base64"]) == b"\xff\xfe"
+
+
+@pytest.mark.parametrize("args", [(), ("dlq",), ("keys",)])
+def test_no_command_prints_the_help_and_says_so(args: tuple[str, ...]) -> None:
+    done = _strata(None, *args)
+    assert done.returncode == 2
+    assert "Usage:" in done.stdout
+    assert done.stderr.endswith(
+        f"strata{''.join(' ' + a for a in args)}: no command given\n"
+    )
+    assert done.stderr.count("\n") == 1
