@@ -402,16 +402,21 @@ def list_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """List a tenant's live keys."""
+    from strata.validation import check_class
+
     _check_names(tenant)
     if prefix is not None:
         check_text("--prefix", prefix)
+    if cls is not None:
+        check_class(cls)
     rows = _reader(_settings()).list(tenant, prefix=prefix, cls=cls)
     items = [{"key": k, "version": v, "cls": c, "updated_ms": t} for k, v, c, t in rows]
-    _emit(
-        as_json,
-        {"tenant": tenant, "count": len(items), "keys": items},
-        lambda: print("\n".join(f"{k}\tv{v}\t{c}" for k, v, c, _ in rows)),
-    )
+
+    def human() -> None:
+        for k, v, c, _ in rows:
+            print(f"{k}\tv{v}\t{c}")
+
+    _emit(as_json, {"tenant": tenant, "count": len(items), "keys": items}, human)
 
 
 # -- workers and state ------------------------------------------------------------

@@ -40,6 +40,7 @@ def _strata(env: dict[str, str] | None, *args: str) -> subprocess.CompletedProce
             "--expect-version",
         ),
         (("nosuchcommand",), "nosuchcommand"),
+        (("list", "acme", "--cls", "BAD"), "class 'BAD'"),
         (("--log-level", "LOUD", "status"), "--log-level"),
         (("worker", "--group", ""), "--group"),
         (("worker", "--group", "  "), "--group"),
