@@ -84,6 +84,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"port of {address} is not between 1 and 65535")
         return value
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _refuse_empty_data_dir(cls, value: object) -> object:
+        # An empty variable would become the working directory, silently.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty")
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _check_data_dir(cls, value: Path) -> Path:

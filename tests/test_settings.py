@@ -53,6 +53,16 @@ def test_a_bad_variable_is_named_with_what_is_wrong(
     assert str(raised.value) == says
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_data_dir_is_refused_not_taken_as_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("STRATA_DATA_DIR", value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert str(raised.value) == f"STRATA_DATA_DIR: is empty (got {value!r})"
+
+
 async def test_a_job_failure_the_journal_cannot_record_is_reported_not_raised(
     tmp_path: Path,
 ) -> None:
