@@ -544,7 +544,8 @@ def digest_cmd(
 
     root = data_dir or _settings().data_dir
     if not root.is_dir():
-        raise UsageError(f"data dir {root} does not exist")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise UsageError(f"data dir {root} {what}")
     obj = {"projections": digests(StorePaths(root))}
     _emit(
         as_json,
