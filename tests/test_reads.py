@@ -233,6 +233,7 @@ async def test_get_wait_refuses_a_token_no_write_returned(
 ) -> None:
     """A partition the topic lacks, or an offset past its end, is a one-line
     usage error at once, not a wait until the timeout."""
+    topics.data_dir.mkdir(parents=True, exist_ok=True)  # else that is the error
     for token, why in [("99:0", "has no partition 99"), ("0:5", "ends at offset 0")]:
         began = time.monotonic()
         done = subprocess.run(
