@@ -279,13 +279,7 @@ def test_a_payload_argument_keeps_the_bytes_given(
     """Bytes that are not UTF-8 are the payload as given, not an error."""
     assert _strata(cli_env, "write", "acme", "k", "\udcff\udcfe").returncode == 0
     assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0
-    got = subprocess.run(
-        [sys.executable, "-m", "strata", "get", "acme", "k", "--json"],
-        env=cli_env,
-        capture_output=True,
-        check=False,
-        timeout=120,
-    )
+    got = _strata(cli_env, "get", "acme", "k", "--json")
     assert got.returncode == 0, got.stderr
     payload = json.loads(got.stdout)["payload"]
     assert base64.b64decode(payload["base64"]) == b"\xff\xfe"
