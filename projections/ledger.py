@@ -406,6 +406,11 @@ class LedgerProjection:
                 "move the ledger folder away and run `strata rebuild --projection "
                 "ledger` to rebuild it from the topic"
             )
+        if stamp is None:
+            # A partition's checkpoint exists before its first entry does, so
+            # a log without one always means a lost file, never a first batch
+            # cut off by a crash (which would be refused above for ever).
+            self._write_state(partition, state)
         if cached is not None and state.next_offset < cached.next_offset:
             # Cutting back to it, or appending after it, would leave the
             # chain without the entries this process already wrote.

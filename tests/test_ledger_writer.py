@@ -333,3 +333,40 @@ def test_the_signing_key_is_wrapped_and_its_public_half_readable(
     message = b"a tree head"
     assert signer.public_key.verify(message, signer.sign(message))
     assert not signer.public_key.verify(message + b"!", signer.sign(message))
+
+
+async def test_a_crash_in_a_partitions_first_batch_is_cut_and_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the first entries reached the log but before their
+    checkpoint: the next writer finds the empty checkpoint written before
+    them, keeps the tail aside and writes it again (it used to refuse the
+    partition for ever, as if its checkpoint file had been lost)."""
+    steady, signer = await build_ledger(tmp_path / "steady", 30, batch=30, every=10)
+    directory = tmp_path / "crashed" / "ledger"
+    crashed = LedgerProjection(
+        directory, settings=ledger_settings(tmp_path / "crashed", 10), signer=signer
+    )
+    pairs = [event_at(0, 2 * i) for i in range(30)]
+    writes = LedgerProjection._write_state
+
+    def killed_at_the_second(self: LedgerProjection, *args: object) -> None:
+        if (directory / "p00000.ckpt").exists():
+            raise KeyboardInterrupt  # the process dies before the checkpoint
+        writes(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LedgerProjection, "_write_state", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        await crashed.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 59)
+    monkeypatch.undo()
+    assert (directory / "p00000.log").stat().st_size > 0
+    assert read_state(directory, 0).entries == 0
+
+    fresh = LedgerProjection(
+        directory, settings=ledger_settings(tmp_path / "crashed", 10), signer=signer
+    )
+    assert await fresh.apply(0, [e for e, _ in pairs], [o for _, o in pairs], 59) == 30
+    assert (directory / "p00000.log").read_bytes() == (
+        steady.directory / "p00000.log"
+    ).read_bytes()
+    assert verify_ledger(directory, signer.public_key).ok
