@@ -785,9 +785,9 @@ def source_mismatch(
             f"is of cluster {cluster}: its offsets are not the ones this store "
             f"applied; {fix}"
         )
+    if ends is None:
+        return None
     for partition, applied in sorted(checkpoints.items()):
-        if ends is None:
-            break
         end = ends.get(partition)
         if end is None or applied > end:
             at = "has no such partition" if end is None else f"ends at offset {end}"

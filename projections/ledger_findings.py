@@ -53,6 +53,11 @@ class Finding:
         return out
 
 
+def count(n: int, one: str, many: str) -> str:
+    """``n`` with the noun that agrees with it: ``1 entry``, ``2 entries``."""
+    return f"{n} {one if n == 1 else many}"
+
+
 _SEQ_RE = re.compile(rb'^\{"seq":(\d{1,18}),')
 _PREV_RE = re.compile(rb'"prev":"([0-9a-f]{64})"\}$')
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -401,7 +406,7 @@ def diagnose(directory: Path, partition: int, state: PartitionState) -> list[Fin
                 partition,
                 0,
                 f"the log file {path.name} is missing, though the checkpoint file "
-                f"records {state.entries} entr{'y' if state.entries == 1 else 'ies'}: "
+                f"records {count(state.entries, 'entry', 'entries')}: "
                 "it was deleted",
                 "deleted",
             )

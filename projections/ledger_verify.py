@@ -36,7 +36,7 @@ from projections.ledger_files import (
     read_state,
     sth_path,
 )
-from projections.ledger_findings import Finding, diagnose
+from projections.ledger_findings import Finding, count, diagnose
 from projections.merkle import Frontier, levels_of, peaks_of
 from strata.errors import StoreError, StrataError
 from strata.signing import LedgerPublicKey, TreeHead, load_public_key
@@ -263,10 +263,6 @@ def verify_partition(
         )
 
 
-def _entries(count: int) -> str:
-    return f"{count} entr{'y' if count == 1 else 'ies'}"
-
-
 def _check_state(
     partition: int,
     state: PartitionState,
@@ -358,7 +354,7 @@ def _check_heads(
         if k and head.size <= last_size:
             add(
                 k,
-                f"covers {_entries(head.size)}, no more than the {last_size} of one "
+                f"covers {count(head.size, 'entry', 'entries')}, no more than the {last_size} of one "
                 "before it: it does not extend it",
             )
         last_size = max(last_size, head.size)
@@ -420,7 +416,7 @@ def _check_roots(
                 Finding(
                     partition,
                     what[1],
-                    f"signed checkpoint {k} covers {_entries(head.size)} but the log "
+                    f"signed checkpoint {k} covers {count(head.size, 'entry', 'entries')} but the log "
                     f"holds {scan.count}: {what[2]}",
                     what[0],
                     k,

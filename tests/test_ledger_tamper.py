@@ -52,6 +52,13 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LedgerPubl
     return root, signer.public_key
 
 
+def ledger_copy(pristine: tuple[Path, LedgerPublicKey], tmp_path: Path) -> Path:
+    """A copy of the pristine ledger folder to change."""
+    copy = tmp_path / "copy"
+    shutil.copytree(pristine[0] / "ledger", copy)
+    return copy
+
+
 def tampered(
     pristine: tuple[Path, LedgerPublicKey],
     tmp_path: Path,
@@ -59,9 +66,8 @@ def tampered(
     file: str = "p00000.log",
 ) -> VerifyReport:
     """Verify a copy of the pristine ledger after ``change`` to one of its files."""
-    root, key = pristine
-    copy = tmp_path / "copy"
-    shutil.copytree(root / "ledger", copy)
+    key = pristine[1]
+    copy = ledger_copy(pristine, tmp_path)
     lines = (copy / file).read_bytes().splitlines()
     (copy / file).write_bytes(b"".join(line + b"\n" for line in change(lines)))
     return verify_ledger(copy, key)
@@ -193,9 +199,8 @@ def test_truncation_hidden_from_the_checkpoint_file_is_still_found(
 ) -> None:
     """Rewriting the checkpoint file to match a truncated log does not help:
     the signed checkpoints beyond the cut still name it."""
-    root, key = pristine
-    copy = tmp_path / "copy"
-    shutil.copytree(root / "ledger", copy)
+    key = pristine[1]
+    copy = ledger_copy(pristine, tmp_path)
     lines = (copy / "p00000.log").read_bytes().split(b"\n")[:1000]
     (copy / "p00000.log").write_bytes(b"".join(line + b"\n" for line in lines))
     frontier = Frontier()
@@ -250,9 +255,8 @@ def test_linked_lines_past_the_checkpoint_are_counted_but_not_in_the_ledger(
     """What a writer appends before recording its checkpoint (or a crash cut
     off mid-line) is not a finding: it is not part of the ledger, no proof
     covers it, and the next writer discards it; verify counts it apart."""
-    root, key = pristine
-    copy = tmp_path / "copy"
-    shutil.copytree(root / "ledger", copy)
+    key = pristine[1]
+    copy = ledger_copy(pristine, tmp_path)
     log = copy / "p00000.log"
     lines = log.read_bytes().splitlines()
     linked = _next_entry(lines, linked=True)
@@ -373,9 +377,8 @@ def test_parallel_verification_agrees(tmp_path: Path) -> None:
 def test_a_deleted_log_file_and_a_stray_one_are_named_as_such(
     pristine: tuple[Path, LedgerPublicKey], tmp_path: Path
 ) -> None:
-    root, key = pristine
-    copy = tmp_path / "copy"
-    shutil.copytree(root / "ledger", copy)
+    key = pristine[1]
+    copy = ledger_copy(pristine, tmp_path)
     (copy / "p00000.log").unlink()
     (copy / "p00009.log").write_bytes(b'{"x":\n')
     report = verify_ledger(copy, key)

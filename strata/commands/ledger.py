@@ -40,15 +40,13 @@ def _write_out(path: Path, doc: dict[str, Any]) -> None:
         raise UsageError(f"--out {path}: {exc.strerror}") from exc
 
 
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
 def _print_report(report: VerifyReport) -> None:
+    from projections.ledger_findings import count
+
     state = "verified" if report.ok else "FAILED"
     print(
-        f"ledger {state}: {_count(report.entries, 'entry', 'entries')} in "
-        f"{_count(report.partitions, 'partition', 'partitions')} "
+        f"ledger {state}: {count(report.entries, 'entry', 'entries')} in "
+        f"{count(report.partitions, 'partition', 'partitions')} "
         f"({report.seconds:.2f}s)"
     )
     for s in report.summaries:
@@ -59,12 +57,12 @@ def _print_report(report: VerifyReport) -> None:
         else:
             signed = "not signed yet"
         print(
-            f"  partition {s.partition}: {_count(s.entries, 'entry', 'entries')}, "
+            f"  partition {s.partition}: {count(s.entries, 'entry', 'entries')}, "
             f"{signed}, root {s.root}"
         )
         if s.uncommitted:
             print(
-                f"    and {_count(s.uncommitted, 'line', 'lines')} past its "
+                f"    and {count(s.uncommitted, 'line', 'lines')} past its "
                 "checkpoint, not part of the ledger: written by a worker that has "
                 "not recorded its checkpoint yet, or stopped before it did (its "
                 "next start moves them to ledger/discarded/)"
