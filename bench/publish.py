@@ -1,9 +1,10 @@
 """Publish rate: raw aiokafka ``send`` against Strata's MemoryProducer, same settings.
 
-Three publishers, each on a fresh topic of the workload's partitions, taking
+Four publishers, each on a fresh topic of the workload's partitions, taking
 turns: each sends a tenth of the writes, then the next one does, in an order
 that rotates from turn to turn and run to run, so the machine's slow spells,
-and what one publisher leaves the next to absorb, fall on all three alike. Producers start, and keys exist, before any clock starts.
+and what one publisher leaves the next to absorb, fall on all of them alike.
+Producers start, and keys exist, before any clock starts.
 
 * ``aiokafka``: pre-sealed, pre-encoded values through a raw producer with
   Strata's producer options (idempotent, ``acks=all``, ``linger_ms=5``);
@@ -11,7 +12,12 @@ and what one publisher leaves the next to absorb, fall on all three alike. Produ
   (validate, encrypt, hash, encode, send), the path an agent's write takes;
 * ``plain``: the same checks and Avro events without encryption, sent through
   :meth:`MemoryProducer.publish`, so ``strata`` minus ``plain`` is the cost of
-  sealing.
+  sealing;
+* ``ciphers``: ``plain`` plus only the AES-GCM and HMAC-SHA256 calls on each
+  payload, the floor under any sealing built on these primitives.
+
+Each publisher's figures are its rate and this process's CPU time per event
+(the broker's is not in it).
 
 Plaintexts are generated before the clock starts; every publisher keeps at
 most :data:`~bench.dataset.IN_FLIGHT` sends unacknowledged and waits for all
@@ -22,9 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.context import Context
 from bench.dataset import (
@@ -50,6 +60,7 @@ _LABELS = {
     "aiokafka": "publish: raw aiokafka send (pre-encoded)",
     "strata": "publish: Strata MemoryProducer (seal+encode+send)",
     "plain": "publish: Strata, unencrypted Avro (encode+send)",
+    "ciphers": "publish: unencrypted + the AES-GCM and HMAC calls alone",
 }
 
 
@@ -66,10 +77,19 @@ def publish(ctx: Context) -> list[Measurement]:
         )
         for name in order
     }
-    seconds = asyncio.run(_take_turns(order, settings, writes))
-    return [
+    seconds, cpu = asyncio.run(_take_turns(order, settings, writes))
+    rates = [
         Measurement(
             f"publish.{name}", len(writes) / seconds[name], "events/s", _LABELS[name]
+        )
+        for name in order
+    ]
+    return rates + [
+        Measurement(
+            f"publish.{name}_cpu",
+            cpu[name] / len(writes) * 1e6,
+            "us/event",
+            f"{_LABELS[name]}: this process's CPU time",
         )
         for name in order
     ]
@@ -77,11 +97,14 @@ def publish(ctx: Context) -> list[Measurement]:
 
 async def _take_turns(
     order: list[str], settings: dict[str, Settings], writes: list[Spec]
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
     """Each publisher sends the writes in :data:`TURNS` chunks, in turn with the
     others, so a slow spell of the machine falls on all of them alike;
-    returns the seconds each spent sending (and waiting for acknowledgements)."""
+    returns the seconds each spent sending (and waiting for acknowledgements),
+    and the CPU seconds this process spent meanwhile (the broker's are not in
+    them)."""
     spent = dict.fromkeys(order, 0.0)
+    cpu = dict.fromkeys(order, 0.0)
     size = -(-len(writes) // TURNS)
     async with contextlib.AsyncExitStack() as stack:
         senders = {
@@ -97,10 +120,11 @@ async def _take_turns(
             # charged that to the same successor every turn.
             shift = turn % len(order)
             for name in order[shift:] + order[:shift]:
-                began = time.perf_counter()
+                began, began_cpu = time.perf_counter(), time.process_time()
                 await senders[name](first, min(first + size, len(writes)))
                 spent[name] += time.perf_counter() - began
-    return spent
+                cpu[name] += time.process_time() - began_cpu
+    return spent, cpu
 
 
 #: Sends writes ``[first, end)`` and waits for their acknowledgements.
@@ -162,16 +186,40 @@ async def strata_publish(settings: Settings, writes: list[Spec]) -> None:
 
 @contextlib.asynccontextmanager
 async def _plain(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    async with _unsealed(settings, writes, ciphers=False) as send:
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _ciphers(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    async with _unsealed(settings, writes, ciphers=True) as send:
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _unsealed(
+    settings: Settings, writes: list[Spec], *, ciphers: bool
+) -> AsyncIterator[Send]:
+    """The ``plain`` publisher, or with ``ciphers`` the same plus the two
+    primitive calls sealing makes on each payload (AES-256-GCM under one key
+    with a fixed binding, and the HMAC-SHA256 content hash), with nothing
+    around them: no key lookup, usage meter, per-record binding or nonce
+    handling (nonces are drawn before the clock starts)."""
     await ensure_topics(settings)
-    nonce = bytes(12)
+    nonces = [os.urandom(12) for _ in writes] if ciphers else None
     digest = bytes(32)
+    material = os.urandom(32)
+    encrypt = AESGCM(material).encrypt
+    inner_pad = hashlib.sha256(bytes(b ^ 0x36 for b in material.ljust(64, b"\0")))
+    outer_pad = hashlib.sha256(bytes(b ^ 0x5C for b in material.ljust(64, b"\0")))
+    binding = b"strata/v1" + bytes(60)
     async with MemoryProducer(settings, keystore_of(settings)) as producer:
         checked: set[tuple[str, str, str]] = set()
         limit = settings.max_payload_bytes
 
         async def send(first: int, end: int) -> None:
             pending: list[asyncio.Future[Any]] = []
-            for w in writes[first:end]:
+            for n, w in enumerate(writes[first:end], first):
                 # What seal_write does besides sealing, the same way, so that
                 # only sealing differs: names checked once per combination,
                 # the key and size every time, the event built positionally.
@@ -183,6 +231,15 @@ async def _plain(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
                 check_key(w.key)
                 if len(w.payload) > limit:
                     raise ValueError("payload over the limit")
+                nonce, value, content_hash = bytes(12), w.payload, digest
+                if nonces is not None:
+                    nonce = nonces[n]
+                    value = encrypt(nonce, w.payload, binding)
+                    inner = inner_pad.copy()
+                    inner.update(w.payload)
+                    outer = outer_pad.copy()
+                    outer.update(inner.digest())
+                    content_hash = outer.digest()
                 event = MemoryWritten(
                     new_event_id(),
                     w.tenant,
@@ -193,8 +250,8 @@ async def _plain(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
                     "plain",
                     0,
                     nonce,
-                    w.payload,
-                    digest,
+                    value,
+                    content_hash,
                     None,
                     {},
                 )
@@ -211,6 +268,7 @@ _PUBLISHERS: dict[
     "aiokafka": _aiokafka,
     "strata": _strata,
     "plain": _plain,
+    "ciphers": _ciphers,
 }
 
 ratio(
@@ -224,6 +282,20 @@ ratio(
     "publish.plain",
     "publish.strata",
     "publish: encryption overhead (plain/strata - 1)",
+    minus_one=True,
+)
+ratio(
+    "publish.encryption_cpu_overhead",
+    "publish.strata_cpu",
+    "publish.plain_cpu",
+    "publish: encryption overhead in the publisher's CPU time (strata/plain - 1)",
+    minus_one=True,
+)
+ratio(
+    "publish.cipher_calls_overhead",
+    "publish.plain",
+    "publish.ciphers",
+    "publish: overhead of the two cipher calls alone (plain/ciphers - 1)",
     minus_one=True,
 )
 target("publish.strata_vs_aiokafka", ">=", 0.8)
