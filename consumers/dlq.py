@@ -32,6 +32,9 @@ H_TOPIC = "strata.source.topic"
 H_PARTITION = "strata.source.partition"
 H_OFFSET = "strata.source.offset"
 H_KEY = "strata.source.key"
+#: Present when the source message had no value at all (a tombstone): the
+#: letter's own value is empty, since a null would delete it from the topic.
+H_NULL_VALUE = "strata.source.null_value"
 H_ERROR_CLASS = "strata.error.class"
 H_ERROR_MESSAGE = "strata.error.message"
 H_TIME = "strata.dlq.time_ms"
@@ -50,7 +53,8 @@ class DeadLetter:
     error_message: str
     time_ms: int
     source_key: bytes | None
-    value: bytes
+    #: The source message's value; None for a tombstone.
+    value: bytes | None
 
     @property
     def dlq_key(self) -> bytes:
@@ -74,7 +78,7 @@ class DeadLetter:
             "error_class": self.error_class,
             "error_message": self.error_message,
             "time_ms": self.time_ms,
-            "value_bytes": len(self.value),
+            "value_bytes": len(self.value) if self.value is not None else None,
         }
 
 
@@ -84,7 +88,13 @@ def position_key(topic: str, partition: int, offset: int) -> bytes:
 
 
 def dead_letter_headers(
-    topic: str, partition: int, offset: int, key: bytes | None, error: BaseException
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    error: BaseException,
+    *,
+    null_value: bool = False,
 ) -> list[tuple[str, bytes]]:
     """The headers that say why and where a message was dead-lettered."""
     headers = [
@@ -97,6 +107,8 @@ def dead_letter_headers(
     ]
     if key is not None:
         headers.append((H_KEY, key))
+    if null_value:
+        headers.append((H_NULL_VALUE, b"1"))
     return headers
 
 
@@ -113,7 +125,9 @@ async def send_dead_letter(
     error: BaseException,
 ) -> None:
     """Publish one dead letter and wait for the broker to acknowledge it."""
-    extra = dead_letter_headers(topic, partition, offset, key, error)
+    extra = dead_letter_headers(
+        topic, partition, offset, key, error, null_value=value is None
+    )
     kept = [h for h in headers if not h[0].startswith("strata.")]
     await producer.send_and_wait(
         settings.dlq_topic,
@@ -140,7 +154,7 @@ def _parse(offset: int, value: bytes, headers: Any) -> DeadLetter:
         error_message=text(H_ERROR_MESSAGE, ""),
         time_ms=int(text(H_TIME, "0")),
         source_key=h.get(H_KEY),
-        value=value,
+        value=None if H_NULL_VALUE in h else value,
     )
 
 

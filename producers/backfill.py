@@ -714,9 +714,10 @@ class Backfill:
         self._helper: asyncio.subprocess.Process | None = None
         self._helper_log: Path | None = None
         self._helper_tried = False
-        self.report_path = (
-            report_path or self.paths.jobs / f"backfill-{job_key}.report.json"
-        )
+        # Given, or named after the run's job id once the job is open, like
+        # the run's worker log: the state file above is per export and
+        # options (a rerun finds it), the report is per run.
+        self.report_path = report_path
 
     def _check_input(self) -> None:
         if not self.root.is_dir():
@@ -734,7 +735,7 @@ class Backfill:
             math.isfinite(self.max_rate) and self.max_rate > 0
         ):
             raise UsageError(f"--max-rate {self.max_rate}: must be a positive number")
-        if self.report_path.parent != self.paths.jobs:
+        if self.report_path is not None:
             _check_report_path(self.report_path, self.root)
 
     async def run(self) -> BackfillReport:
@@ -760,6 +761,8 @@ class Backfill:
         await ensure_topics(self.settings)
         state, resumed = await self._open_job()
         report = BackfillReport(state["job_id"], str(self.root), resumed=resumed)
+        if self.report_path is None:
+            self.report_path = self.paths.jobs / f"backfill-{report.job_id}.report.json"
         starts = {int(p): int(o) for p, o in state["start_offsets"].items()}
         log.info(
             "backfill.started",
@@ -867,6 +870,7 @@ class Backfill:
         return state
 
     def _finish(self, report: BackfillReport, state: dict[str, Any]) -> None:
+        assert self.report_path is not None, "named when the job opened"
         report.report_file = str(self.report_path)
         _write_json(self.report_path, report.to_dict())
         # Completed only once the report is safe: a crash before this resumes.

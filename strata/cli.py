@@ -110,7 +110,7 @@ def broker_down_cmd(as_json: JsonOpt = False) -> None:
 
 @broker_app.command("status")
 def broker_status_cmd(as_json: JsonOpt = False) -> None:
-    """Say whether the local broker runs, and where."""
+    """Say whether the local broker runs, and where; exit 1 if it does not."""
     from strata.broker import broker_status
 
     settings = _settings()
@@ -132,6 +132,9 @@ def broker_status_cmd(as_json: JsonOpt = False) -> None:
             f"{'running' if running else 'not running'}: {bootstrap or '-'} ({where})"
         ),
     )
+    if not running:
+        # Scripts wait on this, as they would on `pg_isready`.
+        raise typer.Exit(1)
 
 
 def _answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
@@ -341,11 +344,10 @@ def get_cmd(
         _run(_check_token(settings, token, wait))
         _run(reader.wait_for(token, timeout_s=timeout))
     memory = reader.get(tenant, key, as_of=as_of)
-    _emit(
-        as_json,
-        memory.to_dict(),
-        lambda: _write_bytes(memory.payload + b"\n"),
-    )
+    # Piped or redirected, the payload's bytes exactly (a payload may be a
+    # file); on a terminal, a newline after it so the prompt starts a line.
+    end = b"\n" if sys.stdout.isatty() else b""
+    _emit(as_json, memory.to_dict(), lambda: _write_bytes(memory.payload + end))
 
 
 async def _check_token(settings: Settings, token: WriteToken, shown: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -225,7 +226,7 @@ def test_a_write_sealed_by_another_keystore_is_dead_lettered_not_applied(
     letters = _strata(cli_env, "dlq", "list")
     assert "fields key_id/key_version: tenant 'acme' has no key tk_" in letters.stdout
     got = _strata(cli_env, "get", "acme", "k")
-    assert (got.returncode, got.stdout) == (0, "v\n"), got
+    assert (got.returncode, got.stdout) == (0, "v"), got
 
 
 def test_reading_a_data_dir_that_does_not_exist_is_refused(
@@ -283,6 +284,47 @@ def test_a_payload_argument_keeps_the_bytes_given(
     assert got.returncode == 0, got.stderr
     payload = json.loads(got.stdout)["payload"]
     assert base64.b64decode(payload["base64"]) == b"\xff\xfe"
+
+
+def test_broker_status_exits_1_when_no_broker_answers(tmp_path: Path) -> None:
+    """Scripts can wait on it: a closed port or a data dir with no broker is 1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env["STRATA_DATA_DIR"] = str(tmp_path)
+    configured = _strata({**env, "STRATA_KAFKA_BOOTSTRAP": closed}, "broker", "status")
+    assert configured.returncode == 1, configured.stderr[-2000:]
+    assert configured.stdout.startswith(f"not running: {closed}")
+    local = _strata(env, "broker", "status", "--json")
+    assert local.returncode == 1, local.stderr[-2000:]
+    assert json.loads(local.stdout)["running"] is False
+
+
+def test_get_writes_the_payload_bytes_exactly_when_piped(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """No newline is added to what a pipe or file receives, binary or text."""
+    payload = bytes(range(256)) + b"no newline at the end"
+    written = subprocess.run(
+        [sys.executable, "-m", "strata", "write", "acme", "blob", "-"],
+        input=payload,
+        env=cli_env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert written.returncode == 0, written.stderr[-2000:]
+    assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0
+    got = subprocess.run(
+        [sys.executable, "-m", "strata", "get", "acme", "blob"],
+        env=cli_env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout == payload
 
 
 @pytest.mark.parametrize("args", [(), ("dlq",), ("keys",)])
