@@ -244,7 +244,9 @@ async def test_backfill_counts_reasons_and_rerun(
     assert _errors(result) == expected_errors
     assert all(e["line"] is None for e in result["errors"])
     assert json.loads(Path(result["report_file"]).read_text()) == result
-    assert Path(result["report_file"]).name == f"backfill-{result['job_id']}.report.json"
+    assert (
+        Path(result["report_file"]).name == f"backfill-{result['job_id']}.report.json"
+    )
 
     events = await memory_events(topics)
     assert len(events) == 500
