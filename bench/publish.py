@@ -10,9 +10,9 @@ Producers start, and keys exist, before any clock starts.
   Strata's producer options (idempotent, ``acks=all``, ``linger_ms=5``);
 * ``strata``: :meth:`MemoryProducer.seal_write` then :meth:`publish` per event
   (validate, encrypt, hash, encode, send), the path an agent's write takes;
-* ``plain``: the same checks and Avro events without encryption, sent through
-  :meth:`MemoryProducer.publish`, so ``strata`` minus ``plain`` is the cost of
-  sealing;
+* ``plain``: the same ``seal_write`` and ``publish`` by a producer whose one
+  sealing step returns the payload as it is, so ``strata`` minus ``plain`` is
+  the cost of sealing;
 * ``ciphers``: ``plain`` plus only the AES-GCM and HMAC-SHA256 calls on each
   payload, the floor under any sealing built on these primitives.
 
@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -47,11 +47,10 @@ from bench.dataset import (
     specs,
 )
 from bench.registry import Measurement, ratio, stage, target
-from producers.producer import MemoryProducer, new_event_id, now_ms
-from schemas.events import MemoryWritten
+from producers.producer import MemoryProducer
 from strata.config import Settings
 from strata.kafka import ensure_topics
-from strata.validation import check_agent, check_class, check_key, check_tenant
+from strata.keystore import Keyring
 
 #: How many turns each publisher takes.
 TURNS = 10
@@ -158,12 +157,34 @@ async def _aiokafka(settings: Settings, writes: list[Spec]) -> AsyncIterator[Sen
 
 @contextlib.asynccontextmanager
 async def _strata(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    async with _through(MemoryProducer, settings, writes) as send:
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _plain(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    async with _through(_PlainProducer, settings, writes) as send:
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _ciphers(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
+    async with _through(_CipherCallsProducer, settings, writes) as send:
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _through(
+    kind: type[MemoryProducer], settings: Settings, writes: list[Spec]
+) -> AsyncIterator[Send]:
+    """Writes through :meth:`MemoryProducer.seal_write` and ``publish`` of a
+    producer of ``kind``: the three kinds differ only in how they seal."""
     await ensure_topics(settings)
     keystore = keystore_of(settings)
     # The tenants' keys exist before the clock starts, as they would in service.
     for tenant in {w.tenant for w in writes}:
         keystore.primary(tenant)
-    async with MemoryProducer(settings, keystore) as producer:
+    async with kind(settings, keystore) as producer:
 
         async def send(first: int, end: int) -> None:
             pending: list[asyncio.Future[Any]] = []
@@ -184,81 +205,50 @@ async def strata_publish(settings: Settings, writes: list[Spec]) -> None:
         await send(0, len(writes))
 
 
-@contextlib.asynccontextmanager
-async def _plain(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
-    async with _unsealed(settings, writes, ciphers=False) as send:
-        yield send
+class _PlainProducer(MemoryProducer):
+    """Everything a write does but sealing: the payload goes out as it is."""
+
+    def _seal(
+        self, tenant: str, key: str, event_id: str, data: bytes
+    ) -> tuple[str, int, bytes, bytes, bytes]:
+        return "plain", 0, _NO_NONCE, data, _NO_DIGEST
 
 
-@contextlib.asynccontextmanager
-async def _ciphers(settings: Settings, writes: list[Spec]) -> AsyncIterator[Send]:
-    async with _unsealed(settings, writes, ciphers=True) as send:
-        yield send
+class _CipherCallsProducer(MemoryProducer):
+    """The plain write plus the two primitive calls sealing makes on each
+    payload (AES-256-GCM under one key with a fixed binding, and the
+    HMAC-SHA256 content hash), each with a fresh random nonce, and nothing
+    else: no key lookup, usage meter or per-record binding."""
+
+    def __init__(self, settings: Settings, keystore: Keyring) -> None:
+        super().__init__(settings, keystore)
+        material = os.urandom(32)
+        self._encrypt = AESGCM(material).encrypt
+        padded = material.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        self._nonces: Iterator[bytes] = iter(())
+
+    def _seal(
+        self, tenant: str, key: str, event_id: str, data: bytes
+    ) -> tuple[str, int, bytes, bytes, bytes]:
+        nonce = next(self._nonces, None) or self._draw()
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        ciphertext = self._encrypt(nonce, data, _BINDING)
+        return "plain", 0, nonce, ciphertext, outer.digest()
+
+    def _draw(self) -> bytes:
+        drawn = os.urandom(12 * 1024)
+        self._nonces = iter([drawn[i : i + 12] for i in range(12, len(drawn), 12)])
+        return drawn[:12]
 
 
-@contextlib.asynccontextmanager
-async def _unsealed(
-    settings: Settings, writes: list[Spec], *, ciphers: bool
-) -> AsyncIterator[Send]:
-    """The ``plain`` publisher, or with ``ciphers`` the same plus the two
-    primitive calls sealing makes on each payload (AES-256-GCM under one key
-    with a fixed binding, and the HMAC-SHA256 content hash), with nothing
-    around them: no key lookup, usage meter, per-record binding or nonce
-    handling (nonces are drawn before the clock starts)."""
-    await ensure_topics(settings)
-    nonces = [os.urandom(12) for _ in writes] if ciphers else None
-    digest = bytes(32)
-    material = os.urandom(32)
-    encrypt = AESGCM(material).encrypt
-    inner_pad = hashlib.sha256(bytes(b ^ 0x36 for b in material.ljust(64, b"\0")))
-    outer_pad = hashlib.sha256(bytes(b ^ 0x5C for b in material.ljust(64, b"\0")))
-    binding = b"strata/v1" + bytes(60)
-    async with MemoryProducer(settings, keystore_of(settings)) as producer:
-        checked: set[tuple[str, str, str]] = set()
-        limit = settings.max_payload_bytes
-
-        async def send(first: int, end: int) -> None:
-            pending: list[asyncio.Future[Any]] = []
-            for n, w in enumerate(writes[first:end], first):
-                # What seal_write does besides sealing, the same way, so that
-                # only sealing differs: names checked once per combination,
-                # the key and size every time, the event built positionally.
-                if (w.tenant, w.cls, "bench") not in checked:
-                    check_tenant(w.tenant)
-                    check_class(w.cls)
-                    check_agent("bench")
-                    checked.add((w.tenant, w.cls, "bench"))
-                check_key(w.key)
-                if len(w.payload) > limit:
-                    raise ValueError("payload over the limit")
-                nonce, value, content_hash = bytes(12), w.payload, digest
-                if nonces is not None:
-                    nonce = nonces[n]
-                    value = encrypt(nonce, w.payload, binding)
-                    inner = inner_pad.copy()
-                    inner.update(w.payload)
-                    outer = outer_pad.copy()
-                    outer.update(inner.digest())
-                    content_hash = outer.digest()
-                event = MemoryWritten(
-                    new_event_id(),
-                    w.tenant,
-                    w.key,
-                    w.cls,
-                    "bench",
-                    now_ms(),
-                    "plain",
-                    0,
-                    nonce,
-                    value,
-                    content_hash,
-                    None,
-                    {},
-                )
-                await _gather_each(pending, await producer.publish(event))
-            await asyncio.gather(*pending)
-
-        yield send
+_NO_NONCE = bytes(12)
+_NO_DIGEST = bytes(32)
+_BINDING = b"strata/v1" + bytes(60)
 
 
 _PUBLISHERS: dict[

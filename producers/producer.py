@@ -201,9 +201,8 @@ class MemoryProducer:
         if expected_version is not None and expected_version < 0:
             raise UsageError(f"expected version {expected_version} is negative")
         event_id = event_id or new_event_id()
-        data_key = self.keystore.primary(tenant)
-        nonce, ciphertext, content_hash = seal_parts(
-            data_key, data, associated_data(tenant, key, event_id), tenant
+        key_id, version, nonce, ciphertext, content_hash = self._seal(
+            tenant, key, event_id, data
         )
         # Positional: this runs once per write, and keywords cost twice as much.
         return MemoryWritten(
@@ -213,14 +212,30 @@ class MemoryProducer:
             cls,
             agent,
             time_ms if time_ms is not None else now_ms(),
-            data_key.key_id,
-            data_key.version,
+            key_id,
+            version,
             nonce,
             ciphertext,
             content_hash,
             expected_version,
             dict(metadata) if metadata else {},
         )
+
+    def _seal(
+        self, tenant: str, key: str, event_id: str, data: bytes
+    ) -> tuple[str, int, bytes, bytes, bytes]:
+        """Encrypt one payload under the tenant's primary key: (key id, key
+        version, nonce, ciphertext, content hash).
+
+        Raises:
+            ErasedError: the tenant was erased.
+            KeyUnavailableError: its key cannot be had or is used up.
+        """
+        data_key = self.keystore.primary(tenant)
+        nonce, ciphertext, content_hash = seal_parts(
+            data_key, data, associated_data(tenant, key, event_id), tenant
+        )
+        return data_key.key_id, data_key.version, nonce, ciphertext, content_hash
 
     async def write(
         self,
