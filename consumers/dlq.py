@@ -8,21 +8,27 @@ The topic is compacted and keyed by source position (``topic/partition/
 offset``): sending the same poison twice (a worker that died before its
 checkpoint) keeps one letter, and `strata dlq replay` resolves a letter by
 writing a tombstone for its key once the event is back on the memory topic.
+Tombstones are kept (``delete.retention.ms`` is unbounded), so the topic's
+keys name every position ever dead-lettered, replayed or not: a worker skips
+those positions whenever it reads them again, so a rebuild decides as the
+live worker did even once the cause (a key the worker did not have yet) is
+gone, and a replayed event applies once, where its copy lies.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from consumers.validation import decode_and_validate
 from schemas.codec import Codec
 from strata.config import Settings
-from strata.errors import ApplyError, CodecError
+from strata.errors import ApplyError, CodecError, UsageError
 from strata.kafka import bootstrap_of, existing_end_offsets, start_client, start_reader
 from strata.keystore import Keyring
 
@@ -45,6 +51,8 @@ H_REPLAYED_FROM = "strata.replayed.from"
 class DeadLetter:
     """One unresolved message on the dead-letter topic."""
 
+    #: Its key on the compacted dead-letter topic (its source position).
+    dlq_key: bytes
     dlq_offset: int
     source_topic: str
     source_partition: int
@@ -55,13 +63,6 @@ class DeadLetter:
     source_key: bytes | None
     #: The source message's value; None for a tombstone.
     value: bytes | None
-
-    @property
-    def dlq_key(self) -> bytes:
-        """The letter's key on the compacted dead-letter topic."""
-        return position_key(
-            self.source_topic, self.source_partition, self.source_offset
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (the value carries ciphertext, so only its size)."""
@@ -138,24 +139,102 @@ async def send_dead_letter(
     )
 
 
-def _parse(offset: int, value: bytes, headers: Any) -> DeadLetter:
-    h: dict[str, bytes] = dict(headers)
+def _parse(msg: ConsumerRecord) -> DeadLetter:
+    """A letter from its message; headers a worker did not write are named
+    in its error message instead of failing every reader of the topic."""
+    h: dict[str, bytes] = dict(msg.headers or ())
+    unreadable: list[str] = []
 
     def text(name: str, default: str) -> str:
         raw = h.get(name)
         return raw.decode(errors="replace") if raw is not None else default
 
-    return DeadLetter(
-        dlq_offset=offset,
+    def number(name: str, default: int) -> int:
+        raw = text(name, str(default))
+        try:
+            return int(raw)
+        except ValueError:
+            unreadable.append(f"header {name} is {raw[:40]!r}, not a number")
+            return default
+
+    message = text(H_ERROR_MESSAGE, "")
+    if H_ERROR_CLASS not in h:
+        message = "no strata.error headers: not dead-lettered by a worker"
+    letter = DeadLetter(
+        dlq_key=msg.key,
+        dlq_offset=msg.offset,
         source_topic=text(H_TOPIC, ""),
-        source_partition=int(text(H_PARTITION, "-1")),
-        source_offset=int(text(H_OFFSET, "-1")),
+        source_partition=number(H_PARTITION, -1),
+        source_offset=number(H_OFFSET, -1),
         error_class=text(H_ERROR_CLASS, ""),
-        error_message=text(H_ERROR_MESSAGE, ""),
-        time_ms=int(text(H_TIME, "0")),
+        error_message=message,
+        time_ms=number(H_TIME, 0),
         source_key=h.get(H_KEY),
-        value=None if H_NULL_VALUE in h else value,
+        value=None if H_NULL_VALUE in h else msg.value,
     )
+    if unreadable:
+        log.warning(
+            "dlq.unreadable_headers",
+            dlq_topic=msg.topic,
+            dlq_offset=msg.offset,
+            problems="; ".join(unreadable),
+        )
+    return letter
+
+
+async def _messages(
+    settings: Settings, timeout_s: float
+) -> AsyncIterator[ConsumerRecord]:
+    """Every message of the dead-letter topic, from its start to its end now.
+
+    Raises:
+        UsageError: the dead-letter topic does not exist.
+    """
+    await existing_end_offsets(settings, settings.dlq_topic, timeout_s=timeout_s)
+    consumer = await start_reader(settings, timeout_s)
+    try:
+        tp = TopicPartition(settings.dlq_topic, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            for msg in batch.get(tp, []):
+                yield msg
+    finally:
+        await consumer.stop()
+
+
+async def dead_lettered_positions(
+    settings: Settings, *, timeout_s: float = 30.0
+) -> set[tuple[int, int]]:
+    """(partition, offset) of every memory-topic message ever dead-lettered,
+    whether its letter is still there or was resolved by a replay; empty if
+    there is no dead-letter topic yet.
+
+    Raises:
+        BrokerError: the broker cannot be reached.
+    """
+    prefix = f"{settings.memory_topic}/".encode()
+    positions: set[tuple[int, int]] = set()
+    try:
+        async for msg in _messages(settings, timeout_s):
+            key = msg.key
+            if key is None or not key.startswith(prefix):
+                continue
+            partition, _, offset = key[len(prefix) :].partition(b"/")
+            try:
+                positions.add((int(partition), int(offset)))
+            except ValueError:
+                log.warning(
+                    "dlq.key_not_a_position",
+                    dlq_topic=settings.dlq_topic,
+                    dlq_offset=msg.offset,
+                    key=key[:200].decode(errors="replace"),
+                )
+    except UsageError:
+        return set()
+    return positions
 
 
 async def read_dead_letters(
@@ -169,26 +248,16 @@ async def read_dead_letters(
     Raises:
         UsageError: the dead-letter topic does not exist.
     """
-    await existing_end_offsets(settings, settings.dlq_topic, timeout_s=timeout_s)
-    consumer = await start_reader(settings, timeout_s)
-    letters: dict[bytes, DeadLetter] = {}
-    try:
-        tp = TopicPartition(settings.dlq_topic, 0)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            for msg in batch.get(tp, []):
-                if msg.key is None:
-                    continue
-                if msg.value is None:
-                    letters.pop(msg.key, None)
-                elif msg.key not in letters:
-                    letters[msg.key] = _parse(msg.offset, msg.value, msg.headers)
-    finally:
-        await consumer.stop()
-    return sorted(letters.values(), key=lambda d: d.dlq_offset)
+    # Parsed once resolutions are known: a resolved letter is never read.
+    letters: dict[bytes, ConsumerRecord] = {}
+    async for msg in _messages(settings, timeout_s):
+        if msg.key is None:
+            continue
+        if msg.value is None:
+            letters.pop(msg.key, None)
+        elif msg.key not in letters:
+            letters[msg.key] = msg
+    return sorted((_parse(m) for m in letters.values()), key=lambda d: d.dlq_offset)
 
 
 async def replay_dead_letters(

@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from consumers.dlq import send_dead_letter
+from consumers.dlq import dead_lettered_positions, send_dead_letter
 from consumers.validation import decode_and_validate
 from projections.base import Envelope, FollowerProjection, Outcome
 from projections.l1 import L1Cache
@@ -170,6 +170,10 @@ class Worker:
         self.followers = build_followers(self.paths, settings)
         self.assigned = asyncio.Event()
         self.dead_letters_enabled = dead_letters
+        #: (partition, offset) of every memory-topic message on the
+        #: dead-letter topic, replayed or not: skipped whenever read again.
+        self._dead_lettered: set[tuple[int, int]] = set()
+        self._dead_lettered_loaded = False
         self._state_file = self.paths.workers / f"{os.getpid()}-{id(self):x}.json"
         self._state_written = 0.0
 
@@ -216,6 +220,8 @@ class Worker:
         except StrataError:
             self.l2.close()
             raise
+        self._dead_lettered = await dead_lettered_positions(self.settings)
+        self._dead_lettered_loaded = True
         self._dlq = AIOKafkaProducer(
             bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
         )
@@ -589,7 +595,12 @@ class Worker:
         assert self._consumer is not None
         count = len(self._consumer.partitions_for_topic(tp.topic) or ())
         where = (tp.partition, count) if count else None
+        dead = self._dead_lettered
         for msg in messages:
+            if dead and (tp.partition, msg.offset) in dead:
+                # Decided when it was first read, whatever it would be now.
+                self._skip_dead_lettered(tp, msg.offset)
+                continue
             try:
                 event = decode_and_validate(
                     self.codec,
@@ -615,10 +626,22 @@ class Worker:
             )
         return envelopes
 
+    def _skip_dead_lettered(self, tp: TopicPartition, offset: int) -> None:
+        self.report.dead_letters += 1
+        log.info(
+            "worker.dead_lettered_before",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
+            consequence="skipped: it is on the dead-letter topic, replayed or not",
+        )
+
     async def _dead_letter(
         self, tp: TopicPartition, msg: ConsumerRecord, error: StrataError
     ) -> None:
         assert self._dlq is not None
+        self._dead_lettered.add((tp.partition, msg.offset))
+        self.report.dead_letters += 1
         if not self.dead_letters_enabled:
             # A rebuild meets the poison the live worker already dead-lettered.
             log.info(
@@ -640,7 +663,6 @@ class Worker:
             headers=list(msg.headers or ()),
             error=error,
         )
-        self.report.dead_letters += 1
         self.metrics.dead_letters.labels(type(error).__name__).inc()
         log.warning(
             "worker.dead_lettered",
@@ -802,6 +824,18 @@ class Worker:
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
         assert self.l2 is not None
+        if self._dead_lettered_loaded and assigned - self._owned:
+            # Another worker may have dead-lettered in these partitions
+            # since this one read the dead-letter topic.
+            try:
+                self._dead_lettered |= await dead_lettered_positions(self.settings)
+            except StrataError as exc:
+                log.warning(
+                    "worker.dead_letters_unread",
+                    error=str(exc),
+                    consequence="a message dead-lettered by another worker and "
+                    "not yet checkpointed is validated again",
+                )
         for tp in assigned:
             start = self._checkpoint(tp.partition)
             self._consumer.seek(tp, start)

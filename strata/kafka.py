@@ -96,8 +96,13 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
     bootstrap = bootstrap_of(settings)
     config = topic_config(settings)
     # Dead letters are keyed by source position; compaction keeps one per
-    # position and lets a replay resolve a letter with a tombstone.
-    dlq_config = {**config, "cleanup.policy": "compact"}
+    # position and lets a replay resolve a letter with a tombstone. The
+    # tombstones stay: they are how workers know a position was dead-lettered.
+    dlq_config = {
+        **config,
+        "cleanup.policy": "compact",
+        "delete.retention.ms": str(2**63 - 1),
+    }
     wanted = {
         settings.memory_topic: (settings.partitions, config),
         settings.dlq_topic: (1, dlq_config),

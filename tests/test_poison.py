@@ -16,9 +16,12 @@ from consumers.dlq import read_dead_letters
 from consumers.worker import Worker
 from producers.producer import MemoryProducer
 from projections.reader import Reader
+from projections.registry import digests
 from schemas.codec import MARKER, Codec
 from schemas.events import MemoryDeleted
+from strata.commands.rebuild import rebuild
 from strata.config import Settings
+from strata.errors import NotFoundError
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
 from tests.helpers import wait_caught_up
@@ -153,6 +156,19 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=30)
+
+    # A rebuild now has the key the live worker lacked and a larger payload
+    # limit, yet it decides every dead-lettered position as the live worker
+    # did: the replayed event applies once, from its copy, the rest are skipped.
+    fresh = topics.model_copy(update={"data_dir": tmp_path / "rebuilt"})
+    rebuilt = await rebuild(topics, fresh, show_progress=False)
+    assert rebuilt["poison_skipped"] == len(poison)
+    assert rebuilt["projections"] == digests(StorePaths(topics.data_dir))
+    again = Reader(StorePaths(fresh.data_dir).l2_db, keystore)
+    assert again.get("acme", "k/unknown-version").payload == b"needs key v7"
+    with pytest.raises(NotFoundError):
+        again.get("acme", "k/oversized")
+    again.close()
 
 
 async def test_copies_outside_their_keys_partition_are_dead_lettered(
