@@ -8,7 +8,9 @@ Commands that report take ``--json`` and then print exactly one JSON object.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import io
 import os
 import signal
 import sys
@@ -117,7 +119,7 @@ def broker_status_cmd(as_json: JsonOpt = False) -> None:
     if settings.kafka_bootstrap:
         # A configured broker is not ours to manage: say whether it answers.
         bootstrap: str | None = settings.kafka_bootstrap
-        running = _answers(settings.kafka_bootstrap)
+        running = _answers(settings)
         managed, pid = False, None
     else:
         info, running = broker_status(settings.data_dir)
@@ -137,18 +139,16 @@ def broker_status_cmd(as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
-def _answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
-    """Whether any host:port of a bootstrap list accepts a TCP connection."""
-    import socket
+def _answers(settings: Settings, timeout_s: float = 5.0) -> bool:
+    """Whether a Kafka broker of the configured bootstrap list describes its
+    cluster (a port that merely accepts connections is not a broker)."""
+    from strata.kafka import cluster_id
 
-    for address in bootstrap.split(","):
-        host, _, port = address.rpartition(":")
-        try:
-            with socket.create_connection((host, int(port)), timeout=timeout_s):
-                return True
-        except OSError:
-            continue
-    return False
+    try:
+        _run(cluster_id(settings, timeout_s=timeout_s))
+    except BrokerError:
+        return False
+    return True
 
 
 # -- topics --------------------------------------------------------------------
@@ -661,12 +661,66 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
     raise _Terminated
 
 
+class OutputError(StrataError):
+    """Standard output cannot be written: a closed pipe, a full disk."""
+
+    exit_code = 1
+
+
+class _GuardedStdout(io.RawIOBase):
+    """File descriptor 1, turning a failed write into an :class:`OutputError`
+    so the command ends with one line on stderr instead of a traceback."""
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+    def isatty(self) -> bool:
+        return os.isatty(1)
+
+    def write(self, data: Any) -> int:
+        try:
+            return os.write(1, data)
+        except OSError as exc:
+            reason = (
+                "the reader closed the pipe"
+                if exc.errno == errno.EPIPE
+                else exc.strerror
+            )
+            raise OutputError(f"cannot write to standard output: {reason}") from exc
+
+
+def _guard_stdout() -> None:
+    try:
+        os.fstat(1)
+    except OSError:
+        # Started with stdout closed (`>&-`): what it would print goes nowhere.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as we do
+        return
+    old = sys.stdout
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_GuardedStdout()),
+        encoding=old.encoding if old is not None else "utf-8",
+        errors=old.errors if old is not None else "strict",
+        line_buffering=os.isatty(1),
+    )
+
+
 def main() -> None:
     """Entry point of the ``strata`` command."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _guard_stdout()
     try:
         _register_commands()
         code = app(standalone_mode=False)
+        sys.stdout.flush()
+    except OutputError as exc:
+        # Nothing more goes to the stream that failed, not even at exit.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as we do
+        sys.stderr.write(f"strata: {exc}\n")
+        sys.exit(exc.exit_code)
     except StrataError as exc:
         sys.stderr.write(f"strata: {exc}\n")
         sys.exit(exc.exit_code)

@@ -299,6 +299,29 @@ def test_broker_status_exits_1_when_no_broker_answers(tmp_path: Path) -> None:
     local = _strata(env, "broker", "status", "--json")
     assert local.returncode == 1, local.stderr[-2000:]
     assert json.loads(local.stdout)["running"] is False
+    # A port that accepts connections but never speaks Kafka is no broker.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        mute = f"127.0.0.1:{silent.getsockname()[1]}"
+        listening = _strata({**env, "STRATA_KAFKA_BOOTSTRAP": mute}, "broker", "status")
+    assert listening.returncode == 1, listening.stderr[-2000:]
+    assert listening.stdout.startswith(f"not running: {mute}")
+
+
+def test_broker_status_exits_0_when_the_configured_broker_answers(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env.update(STRATA_DATA_DIR=str(tmp_path), STRATA_KAFKA_BOOTSTRAP=kafka_bootstrap)
+    status = _strata(env, "broker", "status", "--json")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout) == {
+        "bootstrap": kafka_bootstrap,
+        "running": True,
+        "managed": False,
+        "pid": None,
+    }
 
 
 def test_get_writes_the_payload_bytes_exactly_when_piped(
@@ -336,3 +359,45 @@ def test_no_command_prints_the_help_and_says_so(args: tuple[str, ...]) -> None:
         f"strata{''.join(' ' + a for a in args)}: no command given\n"
     )
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(
+    tmp_path: Path,
+) -> None:
+    """A full disk or a closed pipe on stdout: the reason, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env["STRATA_DATA_DIR"] = str(tmp_path)
+    with open("/dev/full", "w") as full:
+        listed = subprocess.run(
+            [sys.executable, "-m", "strata", "keys", "list", "--json"],
+            env=env,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert listed.returncode == 1
+    assert listed.stderr == (
+        "strata: cannot write to standard output: No space left on device\n"
+    )
+    # A reader that is gone before the output is written.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        piped = subprocess.run(
+            [sys.executable, "-m", "strata", "keys", "list", "--json"],
+            env=env,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert piped.returncode == 1
+    assert piped.stderr == (
+        "strata: cannot write to standard output: the reader closed the pipe\n"
+    )
