@@ -281,7 +281,7 @@ async def replay_dead_letters(
     still: list[dict[str, Any]] = []
     try:
         for letter in letters:
-            where = letter.to_dict()["source"]
+            where = {**letter.to_dict()["source"], "dlq_offset": letter.dlq_offset}
             try:
                 decode_and_validate(
                     codec, letter.value, letter.source_key, settings, keystore

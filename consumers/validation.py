@@ -43,8 +43,15 @@ def validate_event(
     # order of a key's events: a copy outside its key's partition would race
     # the original, and a live store and its rebuild could disagree.
     if message_key != event.message_key:
-        shown = message_key[:200] if message_key is not None else None
-        raise ApplyError(f"message key {shown!r} does not match the event's tenant/key")
+        own_key = event.message_key.decode(errors="backslashreplace")
+        if message_key is None:
+            raise ApplyError(
+                f"message has no key; the event's tenant/key is {own_key!r}"
+            )
+        shown = message_key[:200].decode(errors="backslashreplace")
+        raise ApplyError(
+            f"message key {shown!r} does not match the event's tenant/key {own_key!r}"
+        )
     if isinstance(event, TenantErased):
         return
     if not event.key:

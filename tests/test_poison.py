@@ -140,11 +140,19 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
         # What still fails fails for the reason the list gave (a tombstone's
         # letter holds an empty value, which must not read as a short event).
         listed_reasons = {
-            (m["source"]["offset"], m["error_message"])
+            (
+                m["dlq_offset"],
+                m["source"]["offset"],
+                m["error_class"],
+                m["error_message"],
+            )
             for m in json.loads(listed.stdout)["messages"]
             if m["source"]["key"] != unknown_version.message_key.decode()
         }
-        assert {(e["offset"], e["error"]) for e in result["errors"]} == listed_reasons
+        assert {
+            (e["dlq_offset"], e["offset"], e["error_class"], e["error"])
+            for e in result["errors"]
+        } == listed_reasons
         await wait_caught_up(topics, timeout_s=60)
         assert reader.get("acme", "k/unknown-version").payload == b"needs key v7"
         assert not task.done(), "the worker must still be running"
@@ -203,7 +211,7 @@ async def test_copies_outside_their_keys_partition_are_dead_lettered(
 
     assert report.dead_letters == 2
     reasons = sorted(d.error_message for d in await read_dead_letters(topics))
-    assert reasons[0].startswith("message key None does not match")
+    assert reasons[0] == "message has no key; the event's tenant/key is 'acme/notes/1'"
     assert (
         reasons[1] == f"partition {other}: the key's events belong to partition {home}"
     )
