@@ -255,6 +255,8 @@ class Reader:
         Raises:
             ErasedError: the tenant was erased.
             NotFoundError: no such key (or not yet written at ``as_of``).
+            NotProjectedError: the key's partition is not projected up to
+                ``as_of`` yet.
             DecryptionError: the stored ciphertext does not authenticate.
         """
         started = time.perf_counter()
@@ -331,6 +333,22 @@ class Reader:
 
     def _find_as_of(self, tenant: str, key: str, as_of: int) -> StoredRecord:
         found = self.l2.get_as_of(tenant, key, as_of)
+        rows = self.l2.history(tenant, key)[:1] if found is None else []
+        partition = (
+            found.partition
+            if found is not None
+            else (rows[0].partition if rows else None)
+        )
+        if partition is not None:
+            projected = self.l2.checkpoint(partition)
+            if projected <= as_of:
+                # What the key held then is not known yet: say so, rather
+                # than give the latest value or "not found".
+                raise NotProjectedError(
+                    f"{tenant}/{key}: offset {as_of} of partition {partition} is "
+                    f"not projected yet (projected below {projected}; is a "
+                    "worker running?)"
+                )
         if found is None or found.deleted:
             self._raise_missing(tenant, key, deleted=found is not None, as_of=as_of)
         assert found is not None

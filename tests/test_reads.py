@@ -18,7 +18,7 @@ from projections.l1 import L1Cache
 from projections.l3 import L3Reader
 from projections.reader import Reader
 from strata.config import Settings
-from strata.errors import NotFoundError
+from strata.errors import NotFoundError, NotProjectedError
 from strata.keystore import LocalKeystore
 from strata.paths import StorePaths
 
@@ -142,6 +142,10 @@ async def test_as_of_returns_each_historical_value(
         assert (
             reader.get("acme", "doc", as_of=final.offset).payload == b"after the delete"
         )
+        # Past what the worker has projected, the answer is not known yet.
+        unread = reader.l2.checkpoint(final.partition)
+        with pytest.raises(NotProjectedError, match=f"offset {unread} of partition"):
+            reader.get("acme", "doc", as_of=unread)
 
     reader = Reader.from_paths(paths, keystore, track_reads=False)
     check(reader)
