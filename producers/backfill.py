@@ -381,7 +381,7 @@ class ExportReader:
             return failure
         rel = path.relative_to(self.records_dir).as_posix()
         key_part, sep, cls = rel[: -len(".json")].rpartition("__")
-        if not sep or not key_part or not cls:
+        if not sep or not key_part or key_part.endswith("/") or not cls:
             return Failure(
                 where,
                 "invalid_field",

@@ -88,7 +88,7 @@ def _good(i: int) -> tuple[str, dict[str, Any]]:
 
 
 def make_export(root: Path) -> dict[str, tuple[str, str]]:
-    """500 good records and one of each failure; returns the expected failures."""
+    """500 good records and one of each failure (six); returns the expected failures."""
     for i in range(450):
         rel, doc = _good(i)
         path = root / rel
@@ -113,7 +113,15 @@ def make_export(root: Path) -> dict[str, tuple[str, str]]:
     (records / "huge__chat.json").write_text(
         json.dumps({"payload": "x" * (LIMIT + 1), "meta": {}, "cls": "chat"})
     )
+    # A sub-folder and a class, but no name for the key inside the folder.
+    (records / "agent-0" / "__chat.json").write_text(
+        json.dumps({"payload": "x", "meta": {}, "cls": "chat"})
+    )
     return {
+        "records/agent-0/__chat.json": (
+            "invalid_field",
+            "file name: expected records/<key>__<class>.json",
+        ),
         "records/broken__chat.json": (
             "unreadable",
             "not UTF-8 text (byte 0xe9 at offset 16)",
@@ -240,7 +248,7 @@ async def test_backfill_counts_reasons_and_rerun(
 
     status, result = run_cli(cli_env, export)
     assert status == 1  # failed records are a problem a script must see
-    assert _counts(result) == (500, 0, 0, 5)
+    assert _counts(result) == (500, 0, 0, 6)
     assert _errors(result) == expected_errors
     assert all(e["line"] is None for e in result["errors"])
     assert json.loads(Path(result["report_file"]).read_text()) == result
@@ -278,7 +286,7 @@ async def test_backfill_counts_reasons_and_rerun(
     ends = await end_offsets(topics, [topics.memory_topic])
     status, again = run_cli(cli_env, export)
     assert status == 1
-    assert _counts(again) == (0, 500, 0, 5)
+    assert _counts(again) == (0, 500, 0, 6)
     assert again["published"] == 0
     assert again["resumed"] is False
     assert _errors(again) == expected_errors
@@ -324,7 +332,7 @@ async def test_killed_backfill_resumes_to_the_same_counts(
     status, result = run_cli(cli_env, export)
     assert status == 1
     assert result["resumed"] is True
-    assert _counts(result) == (500, 0, 0, 5)
+    assert _counts(result) == (500, 0, 0, 6)
     assert result["published"] == 500 - at_kill
     assert sum((await end_offsets(topics, [topics.memory_topic])).values()) == 500
     paths = StorePaths(topics.data_dir)
@@ -430,7 +438,7 @@ async def test_backfill_whose_broker_goes_away_stops_and_resumes(
         broker_down(broker_dir)
     assert status == 1
     assert result["resumed"] is True
-    assert _counts(result) == (500, 0, 0, 5)
+    assert _counts(result) == (500, 0, 0, 6)
     assert history_duplicates(StorePaths(own.data_dir).l2_db) == []
 
 
