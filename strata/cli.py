@@ -92,8 +92,19 @@ def broker_up_cmd(as_json: JsonOpt = False) -> None:
         obj,
         lambda: print(
             f"{'started' if started else 'already running'}: Kafka {info.version} at {info.bootstrap}"
-            f"\nexport STRATA_KAFKA_BOOTSTRAP={info.bootstrap}  # optional: commands find it anyway"
+            + _bootstrap_hint(settings.kafka_bootstrap, info.bootstrap)
         ),
+    )
+
+
+def _bootstrap_hint(configured: str | None, local: str) -> str:
+    if configured and configured != local:
+        return (
+            f"\nnote: STRATA_KAFKA_BOOTSTRAP={configured} is set, so commands use "
+            f"that broker, not this one; unset it or set it to {local}"
+        )
+    return (
+        f"\nexport STRATA_KAFKA_BOOTSTRAP={local}  # optional: commands find it anyway"
     )
 
 
