@@ -163,6 +163,10 @@ async def start_client(client: object, bootstrap: str, timeout_s: float) -> None
         detail = str(exc) or type(exc).__name__
         if detail.startswith(f"{type(exc).__name__}: "):
             detail = detail[len(type(exc).__name__) + 2 :]
+        if detail.startswith("Unable to bootstrap from"):
+            # The client's list of resolved addresses says nothing the
+            # bootstrap string does not, in a form meant for its developers.
+            detail = "no address of it accepted a connection"
         after = f" after {waited:.1f}s" if waited >= 1.0 else ""
         raise BrokerError(
             f"Kafka broker at {bootstrap} unreachable{after}: "
