@@ -627,7 +627,11 @@ def demo_cmd(
             f"ledger: {'verified' if summary['ledger_verified'] else 'FAILED'} "
             f"({summary['ledger_entries']} entries)"
         )
-        print(f"tiers: {summary['tiers']}; took {summary['seconds']}s")
+        tiers = summary["tiers"]
+        print(
+            f"tiers: L1 {tiers['l1']} hot, L2 {tiers['l2']} warm, L3 {tiers['l3']} "
+            f"cold; took {summary['seconds']}s"
+        )
 
     _emit(as_json, summary, human)
     if not summary["ledger_verified"] or summary["sample_mismatches"]:
