@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -362,6 +363,20 @@ def test_no_command_prints_the_help_and_says_so(args: tuple[str, ...]) -> None:
     assert done.stderr.count("\n") == 1
 
 
+def _keys_list_into(
+    env: dict[str, str], stdout: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "strata", "keys", "list", "--json"],
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(
     tmp_path: Path,
@@ -370,15 +385,7 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
     env["STRATA_DATA_DIR"] = str(tmp_path)
     with open("/dev/full", "w") as full:
-        listed = subprocess.run(
-            [sys.executable, "-m", "strata", "keys", "list", "--json"],
-            env=env,
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        listed = _keys_list_into(env, full)
     assert listed.returncode == 1
     assert listed.stderr == (
         "strata: cannot write to standard output: No space left on device\n"
@@ -387,15 +394,7 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        piped = subprocess.run(
-            [sys.executable, "-m", "strata", "keys", "list", "--json"],
-            env=env,
-            stdout=writer,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        piped = _keys_list_into(env, writer)
     finally:
         os.close(writer)
     assert piped.returncode == 1
