@@ -8,7 +8,7 @@ The topic is compacted and keyed by source position (``topic/partition/
 offset``): sending the same poison twice (a worker that died before its
 checkpoint) keeps one letter, and `strata dlq replay` resolves a letter by
 writing a tombstone for its key once the event is back on the memory topic.
-Tombstones are kept (``delete.retention.ms`` is unbounded), so the topic's
+Tombstones are kept (``delete.retention.ms`` is a thousand years), so the topic's
 keys name every position ever dead-lettered, replayed or not: a worker skips
 those positions whenever it reads them again, so a rebuild decides as the
 live worker did even once the cause (a key the worker did not have yet) is

@@ -87,6 +87,12 @@ def pinned(settings: Settings) -> Settings:
     return settings.model_copy(update={"kafka_bootstrap": bootstrap_of(settings)})
 
 
+#: How long the dead-letter topic keeps a tombstone: a thousand years. Not
+#: Long.MAX_VALUE: the log cleaner stamps each tombstone batch with "now +
+#: delete.retention.ms", which would overflow and drop it at once.
+DLQ_TOMBSTONE_RETENTION_MS = 1000 * 365 * 24 * 3600 * 1000
+
+
 async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
     """Create the memory, dead-letter and jobs topics if missing; return those created.
 
@@ -101,7 +107,7 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
     dlq_config = {
         **config,
         "cleanup.policy": "compact",
-        "delete.retention.ms": str(2**63 - 1),
+        "delete.retention.ms": str(DLQ_TOMBSTONE_RETENTION_MS),
     }
     wanted = {
         settings.memory_topic: (settings.partitions, config),

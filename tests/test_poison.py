@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,28 @@ async def test_a_data_dir_refuses_another_topic(
 
     with pytest.raises(ConfigError, match="projects topic"):
         await Worker(other, until_caught_up=True).run()
+
+
+async def test_the_dead_letter_topic_keeps_its_tombstones(topics: Settings) -> None:
+    """A replayed letter's tombstone is how workers know its position was
+    dead-lettered: compaction keeps it for centuries, and the retention is
+    small enough that the cleaner's "now + retention" stamp cannot overflow
+    (an overflowed stamp lies in the past, and the tombstone goes at once)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=topics.kafka_bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topics.dlq_topic)]
+        )
+    finally:
+        await admin.close()
+    [resource] = response.resources
+    config = {entry[0]: entry[1] for entry in resource[4]}
+    assert config["cleanup.policy"] == "compact"
+    retention_ms = int(config["delete.retention.ms"])
+    century_ms = 100 * 365 * 24 * 3600 * 1000
+    assert retention_ms >= century_ms
+    assert time.time() * 1000 + retention_ms < 2**63 - 1
