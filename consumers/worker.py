@@ -173,7 +173,7 @@ class Worker:
         #: (partition, offset) of every memory-topic message on the
         #: dead-letter topic, replayed or not: skipped whenever read again.
         self._dead_lettered: set[tuple[int, int]] = set()
-        self._dead_lettered_loaded = False
+        self._dead_letters_read_at_start = False
         self._state_file = self.paths.workers / f"{os.getpid()}-{id(self):x}.json"
         self._state_written = 0.0
 
@@ -221,7 +221,7 @@ class Worker:
             self.l2.close()
             raise
         self._dead_lettered = await dead_lettered_positions(self.settings)
-        self._dead_lettered_loaded = True
+        self._dead_letters_read_at_start = True
         self._dlq = AIOKafkaProducer(
             bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
         )
@@ -822,9 +822,14 @@ class Worker:
         )
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        assert self._consumer is not None
         assert self.l2 is not None
-        if self._dead_lettered_loaded and assigned - self._owned:
+        consumer = self._consumer
+        if consumer is None:
+            return  # stopped before the assignment came
+        if self._dead_letters_read_at_start:
+            # The first assignment follows the read at start.
+            self._dead_letters_read_at_start = False
+        elif assigned - self._owned:
             # Another worker may have dead-lettered in these partitions
             # since this one read the dead-letter topic.
             try:
@@ -836,9 +841,12 @@ class Worker:
                     consequence="a message dead-lettered by another worker and "
                     "not yet checkpointed is validated again",
                 )
+            stopped = self._consumer is not consumer
+            if stopped:
+                return  # the worker stopped while the topic was read
         for tp in assigned:
             start = self._checkpoint(tp.partition)
-            self._consumer.seek(tp, start)
+            consumer.seek(tp, start)
             self._positions[tp] = start
             log.info(
                 "worker.partition_assigned",

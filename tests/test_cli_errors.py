@@ -401,3 +401,15 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(
     assert piped.stderr == (
         "strata: cannot write to standard output: the reader closed the pipe\n"
     )
+
+
+def test_a_worker_with_nothing_pending_ends_without_an_error_logged(
+    topics: Settings, cli_env: dict[str, str]
+) -> None:
+    """Caught up before its partitions are assigned: exit 0 and no error in
+    its log (the assignment callback once ran on a stopped consumer)."""
+    assert _strata(cli_env, "write", "acme", "k", "v").returncode == 0
+    for _ in range(2):
+        done = _strata(cli_env, "--log-level", "INFO", "worker", "--until-caught-up")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "error" not in done.stderr.lower(), done.stderr[-2000:]
