@@ -66,6 +66,7 @@ def test_a_keys_command_names_the_rule_a_tenant_breaks(
     cli_env: dict[str, str], command: str, tenant: str
 ) -> None:
     """Not 'has no keys', which sends the user looking for a keystore."""
+    Path(cli_env["STRATA_DATA_DIR"]).mkdir(parents=True)
     done = _strata(cli_env, "keys", command, "--tenant", tenant)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
@@ -231,10 +232,11 @@ def test_a_write_sealed_by_another_keystore_is_dead_lettered_not_applied(
     assert (got.returncode, got.stdout) == (0, "v"), got
 
 
-def test_reading_a_data_dir_that_does_not_exist_is_refused(
+def test_a_data_dir_that_does_not_exist_is_refused(
     topics: Settings, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Not 'not found' or an empty list: the records may be in the data dir meant."""
+    """Not 'not found' or an empty list, and no new store or keys: the
+    records (and their keys) may be in the data dir meant."""
     nowhere = tmp_path / "nowhere"
     env = {**cli_env, "STRATA_DATA_DIR": str(nowhere)}
     for command in (
@@ -242,6 +244,17 @@ def test_reading_a_data_dir_that_does_not_exist_is_refused(
         ("history", "acme", "k"),
         ("list", "acme"),
         ("status",),
+        # Nor may a command start a store or keystore of its own there.
+        ("rebuild", "--projection", "ledger"),
+        ("rebuild", "--data-dir", str(tmp_path / "rebuilt")),
+        ("migrate", "--projection", "l2", "--version", "2"),
+        ("keys", "list"),
+        ("keys", "rotate", "--tenant", "acme"),
+        ("keys", "jobs"),
+        ("ledger", "sign"),
+        ("tier", "status"),
+        ("tier", "verify"),
+        ("tier", "run", "--dry-run"),
     ):
         done = _strata(env, *command)
         assert done.returncode == 2, (command, done.stderr[-2000:])

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 
 from strata.config import Settings, load_settings
+from strata.errors import UsageError
 
 T = TypeVar("T")
 
@@ -31,6 +32,23 @@ JsonOpt = Annotated[
 def settings(**overrides: Any) -> Settings:
     """The validated settings, with explicit command-line overrides applied."""
     return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def store_settings(**overrides: Any) -> Settings:
+    """:func:`settings`, for a command that works on an existing data dir.
+
+    A command pointed at a folder that is not there must not start a store
+    (or a keystore) of its own in it: the data dir meant is elsewhere.
+
+    Raises:
+        UsageError: the data dir does not exist.
+    """
+    loaded = settings(**overrides)
+    if not loaded.data_dir.is_dir():
+        raise UsageError(
+            f"data dir {loaded.data_dir} does not exist: check STRATA_DATA_DIR"
+        )
+    return loaded
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

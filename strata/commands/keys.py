@@ -10,7 +10,15 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, progress_bar, run, say, settings
+from strata.commands._common import (
+    JsonOpt,
+    emit,
+    progress_bar,
+    run,
+    say,
+    settings,
+    store_settings,
+)
 from strata.errors import UsageError
 
 keys_app = typer.Typer(
@@ -27,7 +35,7 @@ WaitOpt = Annotated[
 def _keyring() -> Any:
     from strata.keystore import open_keystore
 
-    return open_keystore(settings())
+    return open_keystore(store_settings())
 
 
 @keys_app.command("list")
@@ -111,7 +119,7 @@ def keys_rotate_cmd(
 
     if bool(tenant) == all_tenants:
         raise UsageError("give --tenant T (repeatable) or --all")
-    cfg = settings()
+    cfg = store_settings()
     keyring = _keyring()
     show = sys.stderr.isatty() and not as_json
 
@@ -162,7 +170,9 @@ def keys_verify_cmd(
     from consumers.rotation import verify_coverage
 
     report = run(
-        verify_coverage(settings(), _keyring(), tenant=tenant, limit=limit, wait_s=wait)
+        verify_coverage(
+            store_settings(), _keyring(), tenant=tenant, limit=limit, wait_s=wait
+        )
     )
     obj = report.to_dict()
 
@@ -199,7 +209,7 @@ def keys_retire_cmd(
 
     report = run(
         retire_versions(
-            settings(), _keyring(), tenant=tenant, version=version, wait_s=wait
+            store_settings(), _keyring(), tenant=tenant, version=version, wait_s=wait
         )
     )
 
@@ -269,7 +279,9 @@ def keys_shred_cmd(
     """Erase a tenant: destroy its keys, purge its records; print the receipt."""
     from strata.erasure import erase_tenant
 
-    receipt = run(erase_tenant(settings(), _keyring(), tenant, wait_s=wait)).to_dict()
+    receipt = run(
+        erase_tenant(store_settings(), _keyring(), tenant, wait_s=wait)
+    ).to_dict()
 
     def human() -> None:
         purged = receipt["records_purged"]
@@ -309,7 +321,7 @@ def keys_jobs_cmd(as_json: JsonOpt = False) -> None:
     """Rotation jobs on the jobs topic and how far each got."""
     from consumers.rotation import read_rotation_jobs
 
-    jobs = run(read_rotation_jobs(settings()))
+    jobs = run(read_rotation_jobs(store_settings()))
     items: list[dict[str, Any]] = [
         {
             "job_id": j.job_id,

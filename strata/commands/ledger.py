@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, settings
+from strata.commands._common import JsonOpt, emit, settings, store_settings
 from strata.errors import KeyUnavailableError, UsageError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ OutOpt = Annotated[
 def _paths() -> Any:
     from strata.paths import StorePaths
 
-    return StorePaths(settings().data_dir)
+    return StorePaths(store_settings().data_dir)
 
 
 def _write_out(path: Path, doc: dict[str, Any]) -> None:
@@ -269,10 +269,12 @@ def ledger_public_key_cmd(
     where one was signed, a lost key file is refused, not replaced.
     """
     from projections.ledger import LedgerProjection
+    from strata.paths import StorePaths
     from strata.signing import load_public_key
 
+    # A key pair may be made before any ledger exists, to hand out first.
     cfg = settings()
-    paths = _paths()
+    paths = StorePaths(cfg.data_dir)
     try:
         key = load_public_key(paths.keys)
     except KeyUnavailableError:
@@ -298,7 +300,7 @@ def ledger_sign_cmd(as_json: JsonOpt = False) -> None:
     """Sign a checkpoint now for every partition with unsigned entries."""
     from projections.ledger import LedgerProjection, partitions_in
 
-    cfg = settings()
+    cfg = store_settings()
     ledger = LedgerProjection(_paths().ledger, settings=cfg)
     ledger.check_signer()
     signed = []

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, progress_bar, run, settings
+from strata.commands._common import JsonOpt, emit, progress_bar, run, store_settings
 from strata.config import Settings
 
 _STAGES = {
@@ -52,7 +52,7 @@ def migrate_cmd(
     """
     from consumers.migrate import run_migration
 
-    cfg = settings()
+    cfg = store_settings()
     options: dict[str, Any] = {
         "cutover": cutover,
         "rollback": rollback,

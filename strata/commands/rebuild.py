@@ -12,7 +12,13 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, progress_bar, run, settings
+from strata.commands._common import (
+    JsonOpt,
+    emit,
+    progress_bar,
+    run,
+    store_settings,
+)
 from strata.config import Settings
 from strata.errors import UsageError
 from strata.paths import StorePaths
@@ -112,7 +118,7 @@ def rebuild_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Replay the memory topic from offset 0 into projections, with progress."""
-    source = settings()
+    source = store_settings()
     if projection is not None and projection not in PROJECTIONS:
         raise UsageError(
             f"--projection {projection!r}: choose one of {', '.join(PROJECTIONS)}"

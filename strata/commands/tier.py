@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, run, say, settings
+from strata.commands._common import JsonOpt, emit, run, say, store_settings
 from strata.errors import UsageError
 
 tier_app = typer.Typer(
@@ -62,7 +62,7 @@ def tier_run_cmd(
 
     at_ms = parse_time_ms(now) if now is not None else None
     job = TieringJob(
-        settings(), clock=(lambda: at_ms) if at_ms is not None else wall_clock_ms
+        store_settings(), clock=(lambda: at_ms) if at_ms is not None else wall_clock_ms
     )
 
     async def go() -> dict[str, Any]:
@@ -92,7 +92,7 @@ def tier_status_cmd(as_json: JsonOpt = False) -> None:
     from projections.l3 import L3Reader
     from strata.paths import StorePaths
 
-    paths = StorePaths(settings().data_dir)
+    paths = StorePaths(store_settings().data_dir)
     l2, l3 = L2Reader(paths.l2_db), L3Reader(paths.l3)
     try:
         counts = l2.counts()
@@ -123,7 +123,7 @@ def tier_verify_cmd(as_json: JsonOpt = False) -> None:
     from projections.l3 import verify_l3
     from strata.paths import StorePaths
 
-    report = verify_l3(StorePaths(settings().data_dir).l3)
+    report = verify_l3(StorePaths(store_settings().data_dir).l3)
     emit(
         as_json,
         report.to_dict(),
@@ -143,7 +143,7 @@ def tier_compact_cmd(as_json: JsonOpt = False) -> None:
     from projections.l3 import L3Options, L3Projection, L3Reader
     from strata.paths import StorePaths
 
-    config = settings()
+    config = store_settings()
     paths = StorePaths(config.data_dir)
     reader = L3Reader(paths.l3)
     try:
