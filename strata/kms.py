@@ -48,6 +48,7 @@ from strata.errors import (
     KeyUnavailableError,
     KmsUnavailableError,
     StoreError,
+    UsageError,
 )
 from strata.shapes import Fields, MapOf, shape_problem
 
@@ -857,7 +858,17 @@ class KmsServer:
         token: str | None = None,
         handler: type[BaseHTTPRequestHandler] = KmsRequestHandler,
     ) -> None:
-        self._server = KmsHTTPServer((host, port), handler, kms, token)
+        """Bind the address; serving starts with :meth:`start`.
+
+        Raises:
+            UsageError: the address cannot be bound or its host resolved.
+        """
+        try:
+            self._server = KmsHTTPServer((host, port), handler, kms, token)
+        except OSError as exc:  # socket.gaierror too: a host that does not resolve
+            raise UsageError(
+                f"KMS address {host}:{port}: {exc.strerror or exc}"
+            ) from exc
         self._thread: threading.Thread | None = None
 
     @property

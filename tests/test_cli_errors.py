@@ -426,3 +426,22 @@ def test_a_worker_with_nothing_pending_ends_without_an_error_logged(
         done = _strata(cli_env, "--log-level", "INFO", "worker", "--until-caught-up")
         assert done.returncode == 0, done.stderr[-2000:]
         assert "error" not in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_a_kms_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
+    """A port in use or a host that does not resolve: exit 2, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env["STRATA_DATA_DIR"] = str(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = _strata(env, "kms", "serve", "--port", str(port))
+    assert in_use.returncode == 2, in_use.stderr[-2000:]
+    assert in_use.stderr == (
+        f"strata: KMS address 127.0.0.1:{port}: Address already in use\n"
+    )
+    unknown = _strata(env, "kms", "serve", "--host", "no-such-host.invalid")
+    assert unknown.returncode == 2, unknown.stderr[-2000:]
+    assert unknown.stderr.startswith("strata: KMS address no-such-host.invalid:8200: ")
+    assert unknown.stderr.count("\n") == 1
