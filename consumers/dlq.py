@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -72,7 +72,7 @@ class DeadLetter:
                 "topic": self.source_topic,
                 "partition": self.source_partition,
                 "offset": self.source_offset,
-                "key": self.source_key.decode(errors="replace")
+                "key": self.source_key.decode(errors="backslashreplace")
                 if self.source_key is not None
                 else None,
             },
@@ -173,12 +173,8 @@ def _parse(msg: ConsumerRecord) -> DeadLetter:
         value=None if H_NULL_VALUE in h else msg.value,
     )
     if unreadable:
-        log.warning(
-            "dlq.unreadable_headers",
-            dlq_topic=msg.topic,
-            dlq_offset=msg.offset,
-            problems="; ".join(unreadable),
-        )
+        # Said with the letter, wherever it is shown, rather than logged.
+        letter = replace(letter, error_message=f"{message} ({'; '.join(unreadable)})")
     return letter
 
 

@@ -46,11 +46,11 @@ def validate_event(
         own_key = event.message_key.decode(errors="backslashreplace")
         if message_key is None:
             raise ApplyError(
-                f"message has no key; the event's tenant/key is {own_key!r}"
+                f"message has no key; the event's tenant/key is '{own_key}'"
             )
         shown = message_key[:200].decode(errors="backslashreplace")
         raise ApplyError(
-            f"message key {shown!r} does not match the event's tenant/key {own_key!r}"
+            f"message key '{shown}' does not match the event's tenant/key '{own_key}'"
         )
     if isinstance(event, TenantErased):
         return

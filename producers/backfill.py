@@ -443,11 +443,16 @@ class ExportReader:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            return Failure(
-                where,
-                "invalid_json",
-                f"line {exc.lineno} column {exc.colno}: {exc.msg}",
-            )
+            # Some of the parser's messages end in " at", meant to be followed
+            # by the position its own str() appends.
+            reason = exc.msg.removesuffix(" at")
+            if where.line is None:
+                at = f"line {exc.lineno} column {exc.colno}"
+            elif exc.lineno == 1:
+                at = f"column {exc.colno}"  # the line is named by where
+            else:
+                at = "end of line"  # past the record's text, at its newline
+            return Failure(where, "invalid_json", f"{at}: {reason}")
         except RecursionError:
             return Failure(where, "invalid_json", "nested too deeply")
         return self._record(obj, where, key, cls)

@@ -349,6 +349,15 @@ class Reader:
                     f"not projected yet (projected below {projected}; is a "
                     "worker running?)"
                 )
+        else:
+            # A key never projected: its partition is unknown here, but an
+            # offset no partition has reached is not known to be "not found".
+            reached = max(self.l2.checkpoints().values(), default=0)
+            if reached <= as_of:
+                raise NotProjectedError(
+                    f"{tenant}/{key}: offset {as_of} is not projected yet in any "
+                    f"partition (all are below {reached}; is a worker running?)"
+                )
         if found is None or found.deleted:
             self._raise_missing(tenant, key, deleted=found is not None, as_of=as_of)
         assert found is not None

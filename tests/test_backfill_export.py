@@ -124,6 +124,7 @@ def test_jsonl_lines_are_numbered_and_blank_lines_skipped(tmp_path: Path) -> Non
         "",
         '{"key": "b", "payload": ',
         json.dumps({"key": "c", "payload": "3", "meta": {}, "cls": "chat"}),
+        '{"key": "d", "payload": "a\tb"}',
     ]
     _write(tmp_path, "dump/part.jsonl", "\n".join(lines) + "\n")
     items = _read(tmp_path)
@@ -131,9 +132,14 @@ def test_jsonl_lines_are_numbered_and_blank_lines_skipped(tmp_path: Path) -> Non
         SourceRef("dump/part.jsonl", 1),
         SourceRef("dump/part.jsonl", 3),
         SourceRef("dump/part.jsonl", 4),
+        SourceRef("dump/part.jsonl", 5),
     ]
     assert isinstance(items[1], Failure)
     assert items[1].kind == "invalid_json"
+    # The line is in where; the reason says where in it, as one sentence.
+    assert items[1].reason == "end of line: Expecting value"
+    assert isinstance(items[3], Failure)
+    assert items[3].reason == "column 27: Invalid control character"
     assert [i.key for i in items if isinstance(i, LegacyRecord)] == ["a", "c"]
 
 

@@ -261,3 +261,37 @@ async def test_the_dead_letter_topic_keeps_its_tombstones(topics: Settings) -> N
     century_ms = 100 * 365 * 24 * 3600 * 1000
     assert retention_ms >= century_ms
     assert time.time() * 1000 + retention_ms < 2**63 - 1
+
+
+async def test_a_letter_no_worker_wrote_is_listed_with_its_problem_named(
+    topics: Settings,
+) -> None:
+    """Headers that are not numbers, or none at all: the letter is listed and
+    says what is wrong with it, and the other letters are still read."""
+    from consumers.dlq import H_ERROR_CLASS, H_ERROR_MESSAGE, H_OFFSET, H_PARTITION
+
+    raw = AIOKafkaProducer(bootstrap_servers=topics.kafka_bootstrap)
+    await raw.start()
+    try:
+        await raw.send_and_wait(
+            topics.dlq_topic,
+            key=b"hand-made/1",
+            value=b"x",
+            headers=[
+                (H_PARTITION, b"abc\xff"),
+                (H_OFFSET, b"7"),
+                (H_ERROR_CLASS, b"X"),
+                (H_ERROR_MESSAGE, b"bad bytes"),
+            ],
+        )
+        await raw.send_and_wait(topics.dlq_topic, key=b"hand-made/2", value=b"y")
+    finally:
+        await raw.stop()
+    first, second = await read_dead_letters(topics)
+    assert (first.source_partition, first.source_offset) == (-1, 7)
+    assert first.error_message == (
+        "bad bytes (header strata.source.partition is 'abc\ufffd', not a number)"
+    )
+    assert second.error_message == (
+        "no strata.error headers: not dead-lettered by a worker"
+    )

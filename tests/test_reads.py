@@ -146,6 +146,13 @@ async def test_as_of_returns_each_historical_value(
         unread = reader.l2.checkpoint(final.partition)
         with pytest.raises(NotProjectedError, match=f"offset {unread} of partition"):
             reader.get("acme", "doc", as_of=unread)
+        # A key the store never saw: "not found" below what every partition
+        # has projected, "not projected" past all of them.
+        with pytest.raises(NotFoundError, match="not found at offset"):
+            reader.get("acme", "never", as_of=0)
+        beyond = max(reader.l2.checkpoints().values())
+        with pytest.raises(NotProjectedError, match="not projected yet in any"):
+            reader.get("acme", "never", as_of=beyond)
 
     reader = Reader.from_paths(paths, keystore, track_reads=False)
     check(reader)
