@@ -294,6 +294,7 @@ class ExportReader:
         self, root: Path, *, source: str, tenant: str | None, max_payload_bytes: int
     ) -> None:
         self.root = root
+        self._real_root = root.resolve()
         self.records_dir = root / "records"
         self.source = source
         self.tenant = tenant
@@ -360,8 +361,13 @@ class ExportReader:
     def _open_regular(self, path: Path, where: SourceRef) -> Failure | None:
         try:
             st = path.stat()
+            inside = path.resolve().is_relative_to(self._real_root)
         except OSError as exc:
             return _os_failure(where, exc)
+        if not inside:
+            # An export is a folder of records: a link out of it would import
+            # whatever file it names (a key, a password file) as a memory.
+            return Failure(where, "unreadable", "a link to a file outside the export")
         if not stat.S_ISREG(st.st_mode):
             return Failure(
                 where, "unreadable", f"not a regular file ({_file_type(st.st_mode)})"

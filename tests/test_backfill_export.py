@@ -291,3 +291,29 @@ def test_files_that_are_not_regular_are_never_opened(tmp_path: Path) -> None:
 def test_created_at_forms(value: object, expected: int | None) -> None:
     """ISO 8601 (no zone is UTC), Unix seconds, or milliseconds from 10^11 up."""
     assert parse_time_ms(value) == expected
+
+
+def test_a_link_out_of_the_export_is_refused_and_one_inside_is_read(
+    tmp_path: Path,
+) -> None:
+    """A record file that links outside the export would import whatever it
+    names; a link between files of the export is an ordinary record."""
+    root = tmp_path / "export"
+    outside = tmp_path / "secret.json"
+    outside.write_text(json.dumps({"payload": "not ours", "meta": {}, "cls": "chat"}))
+    _write(
+        root, "records/kept__chat.json", {"payload": "ours", "meta": {}, "cls": "chat"}
+    )
+    (root / "records" / "stolen__chat.json").symlink_to(outside)
+    (root / "records" / "alias__chat.json").symlink_to(
+        root / "records" / "kept__chat.json"
+    )
+    items = {str(i.where): i for i in _read(root)}
+    stolen = items["records/stolen__chat.json"]
+    assert isinstance(stolen, Failure)
+    assert (stolen.kind, stolen.reason) == (
+        "unreadable",
+        "a link to a file outside the export",
+    )
+    assert isinstance(items["records/alias__chat.json"], LegacyRecord)
+    assert isinstance(items["records/kept__chat.json"], LegacyRecord)
