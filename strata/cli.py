@@ -138,13 +138,14 @@ def broker_status_cmd(as_json: JsonOpt = False) -> None:
         managed, pid = True, info.pid if info else None
     obj = {"bootstrap": bootstrap, "running": running, "managed": managed, "pid": pid}
     where = "configured by STRATA_KAFKA_BOOTSTRAP" if not managed else "local broker"
-    _emit(
-        as_json,
-        obj,
-        lambda: print(
-            f"{'running' if running else 'not running'}: {bootstrap or '-'} ({where})"
-        ),
-    )
+    if bootstrap is None:
+        line = (
+            f"not running: no local broker was started in {settings.data_dir} "
+            "(`strata broker up` starts one)"
+        )
+    else:
+        line = f"{'running' if running else 'not running'}: {bootstrap} ({where})"
+    _emit(as_json, obj, lambda: print(line))
     if not running:
         # Scripts wait on this, as they would on `pg_isready`.
         raise typer.Exit(1)

@@ -314,6 +314,12 @@ def test_broker_status_exits_1_when_no_broker_answers(tmp_path: Path) -> None:
     local = _strata(env, "broker", "status", "--json")
     assert local.returncode == 1, local.stderr[-2000:]
     assert json.loads(local.stdout)["running"] is False
+    said = _strata(env, "broker", "status")
+    assert said.returncode == 1
+    assert said.stdout == (
+        f"not running: no local broker was started in {tmp_path} "
+        "(`strata broker up` starts one)\n"
+    )
     # A port that accepts connections but never speaks Kafka is no broker.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

@@ -232,6 +232,15 @@ def test_cli_proves_and_checks_with_an_exported_public_key(tmp_path: Path) -> No
     assert junk.returncode == 2
     assert "not JSON" in junk.stderr
 
+    (tmp_path / "not-a-key.pem").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    args = ["ledger", "check-proof", str(tmp_path / "p.json"), "--public-key"]
+    not_a_key = _strata(elsewhere, *args, str(tmp_path / "not-a-key.pem"))
+    assert not_a_key.returncode == 2
+    assert not_a_key.stderr == (
+        f"strata: --public-key {tmp_path / 'not-a-key.pem'}: not a PEM Ed25519 "
+        "public key (export one with `strata ledger public-key --out FILE`)\n"
+    )
+
     # A key file lost after it signed heads is refused, never replaced.
     signing = root / "keys" / "ledger-signing.json"
     signing.unlink()

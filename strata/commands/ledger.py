@@ -201,7 +201,11 @@ def _public_key(path: Path | None) -> LedgerPublicKey:
         except OSError as exc:
             raise UsageError(f"--public-key {path}: {exc.strerror}") from exc
         except ValueError as exc:
-            raise UsageError(f"--public-key {path}: {exc}") from exc
+            # The library's own words point at its FAQ; ours say what to give.
+            raise UsageError(
+                f"--public-key {path}: not a PEM Ed25519 public key "
+                "(export one with `strata ledger public-key --out FILE`)"
+            ) from exc
     keys = _paths().keys
     try:
         return load_public_key(keys)
