@@ -277,14 +277,22 @@ async def replay_dead_letters(
     still: list[dict[str, Any]] = []
     try:
         for letter in letters:
-            where = {**letter.to_dict()["source"], "dlq_offset": letter.dlq_offset}
+            # The shape `dlq list --json` gives a letter, so the two compare.
+            where = {
+                "dlq_offset": letter.dlq_offset,
+                "source": letter.to_dict()["source"],
+            }
             try:
                 decode_and_validate(
                     codec, letter.value, letter.source_key, settings, keystore
                 )
             except (CodecError, ApplyError) as exc:
                 still.append(
-                    {**where, "error_class": type(exc).__name__, "error": str(exc)}
+                    {
+                        **where,
+                        "error_class": type(exc).__name__,
+                        "error_message": str(exc),
+                    }
                 )
                 continue
             origin = f"{settings.dlq_topic}@{letter.dlq_offset}".encode()

@@ -151,7 +151,12 @@ async def test_each_poison_kind_is_dead_lettered_and_good_events_apply(
             if m["source"]["key"] != unknown_version.message_key.decode()
         }
         assert {
-            (e["dlq_offset"], e["offset"], e["error_class"], e["error"])
+            (
+                e["dlq_offset"],
+                e["source"]["offset"],
+                e["error_class"],
+                e["error_message"],
+            )
             for e in result["errors"]
         } == listed_reasons
         await wait_caught_up(topics, timeout_s=60)

@@ -45,8 +45,8 @@ def dlq_replay_cmd(as_json: JsonOpt = False) -> None:
             f"replayed {result['replayed']} of {result['count']} dead letters; "
             f"{result['still_failing']} still fail"
             + "".join(
-                f"\n  {e['topic']}[{e['partition']}]@{e['offset']}: "
-                f"{e['error_class']}: {e['error']}"
+                f"\n  {e['source']['topic']}[{e['source']['partition']}]"
+                f"@{e['source']['offset']}: {e['error_class']}: {e['error_message']}"
                 for e in result["errors"]
             )
         ),
