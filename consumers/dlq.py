@@ -45,6 +45,8 @@ H_ERROR_CLASS = "strata.error.class"
 H_ERROR_MESSAGE = "strata.error.message"
 H_TIME = "strata.dlq.time_ms"
 H_REPLAYED_FROM = "strata.replayed.from"
+#: The store (see :func:`strata.paths.store_id`) whose worker dead-lettered it.
+H_STORE = "strata.store"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,8 @@ class DeadLetter:
     source_key: bytes | None
     #: The source message's value; None for a tombstone.
     value: bytes | None
+    #: The store whose worker dead-lettered it; None for letters without one.
+    store: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (the value carries ciphertext, so only its size)."""
@@ -80,6 +84,7 @@ class DeadLetter:
             "error_message": self.error_message,
             "time_ms": self.time_ms,
             "value_bytes": len(self.value) if self.value is not None else None,
+            "store": self.store,
         }
 
 
@@ -95,10 +100,13 @@ def dead_letter_headers(
     key: bytes | None,
     error: BaseException,
     *,
+    store: str,
     null_value: bool = False,
 ) -> list[tuple[str, bytes]]:
-    """The headers that say why and where a message was dead-lettered."""
+    """The headers that say why and where a message was dead-lettered, and
+    by which store's worker."""
     headers = [
+        (H_STORE, store.encode()),
         (H_TOPIC, topic.encode()),
         (H_PARTITION, str(partition).encode()),
         (H_OFFSET, str(offset).encode()),
@@ -124,10 +132,11 @@ async def send_dead_letter(
     value: bytes | None,
     headers: list[tuple[str, bytes]],
     error: BaseException,
+    store: str,
 ) -> None:
     """Publish one dead letter and wait for the broker to acknowledge it."""
     extra = dead_letter_headers(
-        topic, partition, offset, key, error, null_value=value is None
+        topic, partition, offset, key, error, store=store, null_value=value is None
     )
     kept = [h for h in headers if not h[0].startswith("strata.")]
     await producer.send_and_wait(
@@ -171,6 +180,7 @@ def _parse(msg: ConsumerRecord) -> DeadLetter:
         time_ms=number(H_TIME, 0),
         source_key=h.get(H_KEY),
         value=None if H_NULL_VALUE in h else msg.value,
+        store=text(H_STORE, "") or None,
     )
     if unreadable:
         # Said with the letter, wherever it is shown, rather than logged.
@@ -202,22 +212,27 @@ async def _messages(
 
 
 async def dead_lettered_positions(
-    settings: Settings, *, timeout_s: float = 30.0
+    settings: Settings, store: str, *, timeout_s: float = 30.0
 ) -> set[tuple[int, int]]:
-    """(partition, offset) of every memory-topic message ever dead-lettered,
-    whether its letter is still there or was resolved by a replay; empty if
-    there is no dead-letter topic yet.
+    """(partition, offset) of every memory-topic message a worker of
+    ``store`` ever dead-lettered, whether its letter is still there or was
+    resolved by a replay; empty if there is no dead-letter topic yet.
+    Letters that name no store count for every store.
 
     Raises:
         BrokerError: the broker cannot be reached.
     """
     prefix = f"{settings.memory_topic}/".encode()
+    ours = store.encode()
     positions: set[tuple[int, int]] = set()
     try:
         async for msg in _messages(settings, timeout_s):
             key = msg.key
             if key is None or not key.startswith(prefix):
                 continue
+            by = next((v for k, v in msg.headers or () if k == H_STORE), ours)
+            if by != ours:
+                continue  # another store's decision: this one decides anew
             partition, _, offset = key[len(prefix) :].partition(b"/")
             try:
                 positions.add((int(partition), int(offset)))
@@ -302,8 +317,10 @@ async def replay_dead_letters(
                 key=letter.source_key,
                 headers=[(H_REPLAYED_FROM, origin)],
             )
+            # The tombstone keeps the letter's store: compaction keeps only it.
+            store = [(H_STORE, letter.store.encode())] if letter.store else []
             await producer.send_and_wait(
-                settings.dlq_topic, key=letter.dlq_key, value=None
+                settings.dlq_topic, key=letter.dlq_key, value=None, headers=store
             )
             replayed.append(
                 {**where, "new_partition": meta.partition, "new_offset": meta.offset}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from schemas.codec import Codec
 from schemas.events import Event, TenantErased
 from strata.config import Settings
-from strata.errors import ApplyError, CodecError
+from strata.errors import ApplyError, CodecError, ConfigError
 from strata.kafka import key_partition
 from strata.keystore import Keyring
 
@@ -36,6 +36,8 @@ def validate_event(
 
     Raises:
         ApplyError: naming the field that is wrong.
+        ConfigError: the keystore holds no tenant at all, so the event's key
+            is missing because the data dir is the wrong one.
     """
     if not event.tenant:
         raise ApplyError("field tenant is empty")
@@ -80,6 +82,15 @@ def validate_event(
         if known_keys is not None:
             known_keys[ident] = usable
     if not usable:
+        if not keystore.tenants():
+            # No key of any tenant: not a bad event but the wrong data dir (or
+            # a lost keystore). Dead-lettering would throw away every event.
+            raise ConfigError(
+                f"data dir {settings.data_dir} has no tenant keys, yet an event "
+                f"of tenant {event.tenant!r} is sealed under {key_id} v{version}: "
+                "this is not the data dir the writers use (check STRATA_DATA_DIR), "
+                "or its keystore was lost; nothing was applied or dead-lettered"
+            )
         raise ApplyError(
             f"fields key_id/key_version: tenant {event.tenant!r} has no key {key_id} v{version}"
         )
@@ -99,6 +110,7 @@ def decode_and_validate(
     Raises:
         CodecError: the bytes are not a valid event.
         ApplyError: the event cannot be applied.
+        ConfigError: as :func:`validate_event`.
     """
     if value is None:
         raise CodecError("message has no value (a tombstone)")

@@ -51,7 +51,7 @@ from strata.kafka import (
 )
 from strata.keystore import Keyring, open_keystore
 from strata.metrics import WorkerMetrics
-from strata.paths import StorePaths
+from strata.paths import StorePaths, store_id
 
 log = structlog.get_logger(__name__)
 
@@ -174,6 +174,8 @@ class Worker:
         #: dead-letter topic, replayed or not: skipped whenever read again.
         self._dead_lettered: set[tuple[int, int]] = set()
         self._dead_letters_read_at_start = False
+        #: This data dir's store identity, read at start.
+        self._store = ""
         self._state_file = self.paths.workers / f"{os.getpid()}-{id(self):x}.json"
         self._state_written = 0.0
 
@@ -217,10 +219,13 @@ class Worker:
             self.l2.bind_source(
                 topic, self._cluster, {tp.partition: end for tp, end in ends.items()}
             )
+            self._store = store_id(self.paths)
+            self._dead_lettered = await dead_lettered_positions(
+                self.settings, self._store
+            )
         except StrataError:
             self.l2.close()
             raise
-        self._dead_lettered = await dead_lettered_positions(self.settings)
         self._dead_letters_read_at_start = True
         self._dlq = AIOKafkaProducer(
             bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
@@ -662,6 +667,7 @@ class Worker:
             value=msg.value,
             headers=list(msg.headers or ()),
             error=error,
+            store=self._store,
         )
         self.metrics.dead_letters.labels(type(error).__name__).inc()
         log.warning(
@@ -833,7 +839,9 @@ class Worker:
             # Another worker may have dead-lettered in these partitions
             # since this one read the dead-letter topic.
             try:
-                self._dead_lettered |= await dead_lettered_positions(self.settings)
+                self._dead_lettered |= await dead_lettered_positions(
+                    self.settings, self._store
+                )
             except StrataError as exc:
                 log.warning(
                     "worker.dead_letters_unread",

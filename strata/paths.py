@@ -82,6 +82,49 @@ class StorePaths:
         """State files of running workers, read by `strata status`."""
         return self.root / "workers"
 
+    @property
+    def store_id_file(self) -> Path:
+        """The store's identity (see :func:`store_id`)."""
+        return self.root / "store-id"
+
+
+def store_id(paths: StorePaths, *, adopt: str | None = None) -> str:
+    """The identity of the store in a data dir, made on first use.
+
+    Workers of one store (one data dir, or one shared by a consumer group)
+    share it; a rebuild into a fresh folder takes its source's (``adopt``), being
+    a copy of the same store. Dead letters carry it, so each store honours
+    its own decisions and not those of another store on the same topic (a
+    mistyped data dir, a replica with a stale keystore).
+
+    Raises:
+        StoreError: the file cannot be read or written.
+    """
+    path = paths.store_id_file
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be read: {exc.strerror}") from exc
+    made = adopt or os.urandom(16).hex()
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=paths.root, prefix=".store-id.", delete=False
+        ) as tmp:
+            tmp.write(made + "\n")
+        try:
+            # Linking fails if another process made it first: theirs stands.
+            os.link(tmp.name, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp.name)
+        return path.read_text().strip()
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be written: {exc.strerror}") from exc
+
 
 @dataclass(frozen=True, slots=True)
 class L2Pointer:

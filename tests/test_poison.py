@@ -300,3 +300,51 @@ async def test_a_letter_no_worker_wrote_is_listed_with_its_problem_named(
     assert second.error_message == (
         "no strata.error headers: not dead-lettered by a worker"
     )
+
+
+async def test_each_store_honours_only_its_own_dead_letters(
+    topics: Settings, keystore: LocalKeystore, tmp_path: Path
+) -> None:
+    """A second store on the same topic whose keystore is behind dead-letters
+    what it cannot open; the store that can still applies it, live and on a
+    rebuild, and the two agree on everything else."""
+    keystore.primary("acme")
+    stale_settings = topics.model_copy(update={"data_dir": tmp_path / "stale"})
+    shutil.copytree(
+        StorePaths(topics.data_dir).keys, StorePaths(stale_settings.data_dir).keys
+    )
+    keystore.rotate("acme")  # only the first store's keystore has v2
+    async with MemoryProducer(topics, keystore) as producer:
+        await producer.write("acme", "doc", "sealed under v2")
+
+    stale = await Worker(
+        stale_settings, group=f"{topics.topic_prefix}.stale", until_caught_up=True
+    ).run()
+    assert stale.dead_letters == 1
+    [letter] = await read_dead_letters(topics)
+    assert letter.store == (stale_settings.data_dir / "store-id").read_text().strip()
+
+    live = await Worker(topics, until_caught_up=True).run()
+    assert (live.events_applied, live.dead_letters) == (1, 0)
+    reader = Reader(StorePaths(topics.data_dir).l2_db, keystore)
+    assert reader.get("acme", "doc").payload == b"sealed under v2"
+    reader.close()
+    fresh = topics.model_copy(update={"data_dir": tmp_path / "rebuilt"})
+    rebuilt = await rebuild(topics, fresh, show_progress=False)
+    assert rebuilt["poison_skipped"] == 0
+    assert rebuilt["projections"] == digests(StorePaths(topics.data_dir))
+
+
+async def test_a_worker_with_no_tenant_keys_stops_instead_of_dead_lettering(
+    topics: Settings, keystore: LocalKeystore, tmp_path: Path
+) -> None:
+    """A mistyped data dir has an empty keystore: every sealed event would
+    read as poison. The worker stops at the first one and says why."""
+    from strata.errors import ConfigError
+
+    async with MemoryProducer(topics, keystore) as producer:
+        await producer.write("acme", "doc", "the real store's")
+    elsewhere = topics.model_copy(update={"data_dir": tmp_path / "typo"})
+    with pytest.raises(ConfigError, match="not the data dir the writers use"):
+        await Worker(elsewhere, until_caught_up=True).run()
+    assert await read_dead_letters(topics) == []

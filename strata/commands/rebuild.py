@@ -21,7 +21,7 @@ from strata.commands._common import (
 )
 from strata.config import Settings
 from strata.errors import UsageError
-from strata.paths import StorePaths
+from strata.paths import StorePaths, store_id
 
 PROJECTIONS = ("l2", "ledger", "l3")
 
@@ -72,6 +72,8 @@ async def rebuild(
     from strata.keystore import open_keystore
 
     keystore = open_keystore(source)
+    # A copy of the source's store: it honours the same dead-letter decisions.
+    store_id(StorePaths(target.data_dir), adopt=store_id(StorePaths(source.data_dir)))
     ends = await end_offsets(source, [source.memory_topic])
     total = sum(ends.values())
     worker = Worker(
