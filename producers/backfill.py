@@ -303,14 +303,19 @@ class ExportReader:
         self.record_limit = 8 * max_payload_bytes + 64 * 1024
 
     def files(self) -> Iterator[tuple[Path, str]]:
-        """Every candidate as (path, kind): kind is ``json``, ``jsonl`` or ``dir``."""
+        """Every candidate as (path, kind): kind is ``json``, ``jsonl``, ``dir``,
+        ``linked_dir`` or ``unwalkable``."""
         errors: list[OSError] = []
         for folder, dirnames, filenames in os.walk(self.root, onerror=errors.append):
             here = Path(folder)
             in_records = here == self.records_dir or self.records_dir in here.parents
             dirnames.sort()
             for name in list(dirnames):
-                if in_records and name.endswith(".json"):
+                if (here / name).is_symlink():
+                    # Not followed (it may lead out of the export, or round in
+                    # a loop), and not skipped without a word either.
+                    yield here / name, "linked_dir"
+                elif in_records and name.endswith(".json"):
                     dirnames.remove(name)
                     yield here / name, "dir"
             for name in sorted(filenames):
@@ -336,6 +341,10 @@ class ExportReader:
                 yield Failure(where, "unreadable", "not a regular file (a directory)")
             elif kind == "unwalkable":
                 yield Failure(where, "unreadable", "the folder cannot be listed")
+            elif kind == "linked_dir":
+                yield Failure(
+                    where, "unreadable", "a link to a folder (links are not followed)"
+                )
             elif kind == "json":
                 yield self._read_file(path, where)
             else:

@@ -113,12 +113,18 @@ def broker_down_cmd(as_json: JsonOpt = False) -> None:
     """Stop the local broker."""
     from strata.broker import broker_down
 
-    stopped = broker_down(_settings().data_dir)
-    _emit(
-        as_json,
-        {"stopped": stopped, "running": False},
-        lambda: print("stopped" if stopped else "no broker was running"),
-    )
+    settings = _settings()
+    stopped = broker_down(settings.data_dir)
+    if stopped:
+        said = "stopped"
+    elif settings.kafka_bootstrap:
+        said = (
+            f"no local broker was running in {settings.data_dir}; the broker at "
+            f"{settings.kafka_bootstrap} (STRATA_KAFKA_BOOTSTRAP) is not managed here"
+        )
+    else:
+        said = f"no local broker was running in {settings.data_dir}"
+    _emit(as_json, {"stopped": stopped, "running": False}, lambda: print(said))
 
 
 @broker_app.command("status")

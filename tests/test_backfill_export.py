@@ -317,3 +317,24 @@ def test_a_link_out_of_the_export_is_refused_and_one_inside_is_read(
     )
     assert isinstance(items["records/alias__chat.json"], LegacyRecord)
     assert isinstance(items["records/kept__chat.json"], LegacyRecord)
+
+
+def test_a_folder_link_is_reported_not_skipped(tmp_path: Path) -> None:
+    """Links to folders are not followed (out of the export, or in a loop),
+    and each is a failure in the report rather than records silently missed."""
+    outside = tmp_path / "elsewhere"
+    _write(outside, "n__chat.json", {"payload": "x", "meta": {}, "cls": "chat"})
+    root = tmp_path / "export"
+    _write(root, "records/kept__chat.json", {"payload": "y", "meta": {}, "cls": "chat"})
+    (root / "records" / "agent-9").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    items = {str(i.where): i for i in _read(root)}
+    for linked in ("records/agent-9", "loop"):
+        failure = items[linked]
+        assert isinstance(failure, Failure), linked
+        assert (failure.kind, failure.reason) == (
+            "unreadable",
+            "a link to a folder (links are not followed)",
+        )
+    assert isinstance(items["records/kept__chat.json"], LegacyRecord)
+    assert len(items) == 3

@@ -81,6 +81,7 @@ def test_a_missing_topic_is_named_at_once(
 ) -> None:
     """No topics were created for this prefix: say so, instead of waiting or
     showing an empty, caught-up store."""
+    Path(cli_env["STRATA_DATA_DIR"]).mkdir(parents=True)
     done = _strata(cli_env, *command)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("\n") == 1, done.stderr[-2000:]
@@ -255,6 +256,7 @@ def test_a_data_dir_that_does_not_exist_is_refused(
         ("tier", "status"),
         ("tier", "verify"),
         ("tier", "run", "--dry-run"),
+        ("dlq", "replay"),
     ):
         done = _strata(env, *command)
         assert done.returncode == 2, (command, done.stderr[-2000:])
@@ -343,6 +345,14 @@ def test_broker_status_exits_0_when_the_configured_broker_answers(
         "managed": False,
         "pid": None,
     }
+    # `broker down` stops only a broker it started, and says so.
+    down = _strata(env, "broker", "down")
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert down.stdout == (
+        f"no local broker was running in {tmp_path}; the broker at "
+        f"{kafka_bootstrap} (STRATA_KAFKA_BOOTSTRAP) is not managed here\n"
+    )
+    assert _strata(env, "broker", "status").returncode == 0
 
 
 def test_get_writes_the_payload_bytes_exactly_when_piped(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from strata.commands._common import JsonOpt, emit, run, settings
+from strata.commands._common import JsonOpt, emit, run, settings, store_settings
 
 dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter topic.")
 
@@ -35,7 +35,7 @@ def dlq_replay_cmd(as_json: JsonOpt = False) -> None:
     from consumers.dlq import replay_dead_letters
     from strata.keystore import open_keystore
 
-    cfg = settings()
+    cfg = store_settings()  # letters are judged with this data dir's keys
     keystore = open_keystore(cfg)
     result = run(replay_dead_letters(cfg, keystore))
     emit(
