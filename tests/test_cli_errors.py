@@ -360,25 +360,23 @@ def test_get_writes_the_payload_bytes_exactly_when_piped(
 ) -> None:
     """No newline is added to what a pipe or file receives, binary or text."""
     payload = bytes(range(256)) + b"no newline at the end"
-    written = subprocess.run(
-        [sys.executable, "-m", "strata", "write", "acme", "blob", "-"],
-        input=payload,
-        env=cli_env,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert written.returncode == 0, written.stderr[-2000:]
-    assert _strata(cli_env, "worker", "--until-caught-up").returncode == 0
-    got = subprocess.run(
-        [sys.executable, "-m", "strata", "get", "acme", "blob"],
-        env=cli_env,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert got.returncode == 0, got.stderr[-2000:]
-    assert got.stdout == payload
+
+    def strata_bytes(*args: str, given: bytes = b"") -> bytes:
+        done = subprocess.run(
+            [sys.executable, "-m", "strata", *args],
+            input=given,
+            env=cli_env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    strata_bytes("write", "acme", "blob", "-", given=payload)
+    strata_bytes("worker", "--until-caught-up")
+    got = strata_bytes("get", "acme", "blob")
+    assert got == payload
 
 
 @pytest.mark.parametrize("args", [(), ("dlq",), ("keys",)])
