@@ -102,11 +102,11 @@ def store_id(paths: StorePaths, *, adopt: str | None = None) -> str:
     """
     path = paths.store_id_file
     try:
-        return path.read_text().strip()
+        return _checked_store_id(path, path.read_text())
     except FileNotFoundError:
         pass
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot be read: {exc.strerror}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: cannot be read: {exc}") from exc
     made = adopt or os.urandom(16).hex()
     try:
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -121,9 +121,21 @@ def store_id(paths: StorePaths, *, adopt: str | None = None) -> str:
             pass
         finally:
             os.unlink(tmp.name)
-        return path.read_text().strip()
+        return _checked_store_id(path, path.read_text())
     except OSError as exc:
         raise StoreError(f"{path}: cannot be written: {exc.strerror}") from exc
+
+
+def _checked_store_id(path: Path, text: str) -> str:
+    value = text.strip()
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        # A new identity would disown this store's dead-letter decisions.
+        raise StoreError(
+            f"{path}: damaged (expected 32 hex digits, got {value[:40]!r}): restore "
+            "it from a copy of this data dir, or from a `strata dlq list --json` "
+            "letter's store"
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
