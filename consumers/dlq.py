@@ -4,8 +4,8 @@ Each dead letter carries the original value byte for byte, with the original
 headers and these added: source topic, partition, offset and message key,
 error class and message, and the time it was dead-lettered (UTC ms).
 
-The topic is compacted and keyed by source position (``topic/partition/
-offset``): sending the same poison twice (a worker that died before its
+The topic is compacted and keyed by source position and the deciding store
+(``topic/partition/offset/store``, see :func:`strata.paths.store_id`): sending the same poison twice (a worker that died before its
 checkpoint) keeps one letter, and `strata dlq replay` resolves a letter by
 writing a tombstone for its key once the event is back on the memory topic.
 Tombstones are kept (``delete.retention.ms`` is a thousand years), so the topic's
@@ -88,9 +88,11 @@ class DeadLetter:
         }
 
 
-def position_key(topic: str, partition: int, offset: int) -> bytes:
-    """The dead-letter key of a source position."""
-    return f"{topic}/{partition}/{offset}".encode()
+def position_key(topic: str, partition: int, offset: int, store: str) -> bytes:
+    """The dead-letter key of a source position as one store decided it:
+    compaction keeps one letter per position and store, so one store's
+    decision never erases another's."""
+    return f"{topic}/{partition}/{offset}/{store}".encode()
 
 
 def dead_letter_headers(
@@ -143,7 +145,7 @@ async def send_dead_letter(
         settings.dlq_topic,
         # A compacted topic drops null values: keep an empty one visible.
         value=value if value is not None else b"",
-        key=position_key(topic, partition, offset),
+        key=position_key(topic, partition, offset, store),
         headers=kept + extra,
     )
 
@@ -230,13 +232,14 @@ async def dead_lettered_positions(
             key = msg.key
             if key is None or not key.startswith(prefix):
                 continue
-            by = next((v for k, v in msg.headers or () if k == H_STORE), ours)
-            if by != ours:
+            # topic/partition/offset/store; letters from before stores were
+            # named have no store part, and count for every store.
+            parts = key[len(prefix) :].split(b"/", 2)
+            if len(parts) == 3 and parts[2] != ours:
                 continue  # another store's decision: this one decides anew
-            partition, _, offset = key[len(prefix) :].partition(b"/")
             try:
-                positions.add((int(partition), int(offset)))
-            except ValueError:
+                positions.add((int(parts[0]), int(parts[1])))
+            except (ValueError, IndexError):
                 log.warning(
                     "dlq.key_not_a_position",
                     dlq_topic=settings.dlq_topic,
@@ -272,16 +275,24 @@ async def read_dead_letters(
 
 
 async def replay_dead_letters(
-    settings: Settings, keystore: Keyring, *, timeout_s: float = 30.0
+    settings: Settings,
+    keystore: Keyring,
+    *,
+    store: str | None = None,
+    timeout_s: float = 30.0,
 ) -> dict[str, Any]:
-    """Send back to the memory topic every dead letter that now applies.
+    """Send back to the memory topic every dead letter of ``store`` (every
+    letter if None) that now applies.
 
     A letter that still fails validation stays, and the report says why. A
     replayed letter is resolved with a tombstone once its event is
     acknowledged on the memory topic; the L2 projection applies an event id
     once, so a replay that is interrupted and run again doubles nothing.
+    Another store's letters are left to it: this store may have applied
+    those events already.
     """
-    letters = await read_dead_letters(settings, timeout_s=timeout_s)
+    everyone = await read_dead_letters(settings, timeout_s=timeout_s)
+    letters = [d for d in everyone if store is None or d.store in (None, store)]
     codec = Codec()
     bootstrap = bootstrap_of(settings)
     producer = AIOKafkaProducer(
@@ -318,9 +329,9 @@ async def replay_dead_letters(
                 headers=[(H_REPLAYED_FROM, origin)],
             )
             # The tombstone keeps the letter's store: compaction keeps only it.
-            store = [(H_STORE, letter.store.encode())] if letter.store else []
+            by = [(H_STORE, letter.store.encode())] if letter.store else []
             await producer.send_and_wait(
-                settings.dlq_topic, key=letter.dlq_key, value=None, headers=store
+                settings.dlq_topic, key=letter.dlq_key, value=None, headers=by
             )
             replayed.append(
                 {**where, "new_partition": meta.partition, "new_offset": meta.offset}
@@ -336,6 +347,7 @@ async def replay_dead_letters(
         await producer.stop()
     return {
         "count": len(letters),
+        "other_stores": len(everyone) - len(letters),
         "replayed": len(replayed),
         "still_failing": len(still),
         "messages": replayed,

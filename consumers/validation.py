@@ -89,7 +89,8 @@ def validate_event(
                 f"data dir {settings.data_dir} has no tenant keys, yet an event "
                 f"of tenant {event.tenant!r} is sealed under {key_id} v{version}: "
                 "this is not the data dir the writers use (check STRATA_DATA_DIR), "
-                "or its keystore was lost; nothing was applied or dead-lettered"
+                "or its keystore was lost; this event was neither applied nor "
+                "dead-lettered"
             )
         raise ApplyError(
             f"fields key_id/key_version: tenant {event.tenant!r} has no key {key_id} v{version}"

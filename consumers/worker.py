@@ -219,7 +219,11 @@ class Worker:
             self.l2.bind_source(
                 topic, self._cluster, {tp.partition: end for tp, end in ends.items()}
             )
-            self._store = store_id(self.paths)
+            # Kept twice, in its file and with L2, so a lost file is restored
+            # rather than replaced by a new identity that would disown the
+            # store's dead-letter decisions.
+            self._store = store_id(self.paths, adopt=self.l2.recorded_store())
+            self.l2.bind_store(self._store)
             self._dead_lettered = await dead_lettered_positions(
                 self.settings, self._store
             )

@@ -324,16 +324,36 @@ class L2Projection:
         if problem:
             raise ConfigError(problem)
 
+    def recorded_store(self) -> str | None:
+        """The store id recorded with this projection, if one was."""
+        row = self._conn.execute(
+            "SELECT value FROM meta WHERE name = 'store'"
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def bind_store(self, store: str) -> None:
+        """Record the data dir's store id, or check it is the one recorded.
+
+        Raises:
+            StoreError: the projection was built by another store.
+        """
+        recorded = self._meta("store", store)
+        if recorded != store:
+            raise StoreError(
+                f"{self.path} was built by store {recorded}, but this data dir's "
+                f"store-id says {store}: restore the store-id file to {recorded}, "
+                "or rebuild this projection"
+            )
+
     def _meta(self, name: str, value: str) -> str:
-        """The recorded value of ``name``, recording ``value`` if there is none."""
+        """The recorded value of ``name``, recording ``value`` if there is none
+        (two processes opening a new store at once record one of theirs)."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value)
+        )
         row = self._conn.execute(
             "SELECT value FROM meta WHERE name = ?", (name,)
         ).fetchone()
-        if row is None:
-            self._conn.execute(
-                "INSERT INTO meta (name, value) VALUES (?, ?)", (name, value)
-            )
-            return value
         return str(row[0])
 
     def checkpoint(self, partition: int) -> int:

@@ -101,12 +101,9 @@ def store_id(paths: StorePaths, *, adopt: str | None = None) -> str:
         StoreError: the file cannot be read or written.
     """
     path = paths.store_id_file
-    try:
-        return _checked_store_id(path, path.read_text())
-    except FileNotFoundError:
-        pass
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: cannot be read: {exc}") from exc
+    found = existing_store_id(paths)
+    if found is not None:
+        return found
     made = adopt or os.urandom(16).hex()
     try:
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -124,6 +121,21 @@ def store_id(paths: StorePaths, *, adopt: str | None = None) -> str:
         return _checked_store_id(path, path.read_text())
     except OSError as exc:
         raise StoreError(f"{path}: cannot be written: {exc.strerror}") from exc
+
+
+def existing_store_id(paths: StorePaths) -> str | None:
+    """The store id of a data dir, or None if it has none yet (never made).
+
+    Raises:
+        StoreError: the file is damaged or cannot be read.
+    """
+    path = paths.store_id_file
+    try:
+        return _checked_store_id(path, path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: cannot be read: {exc}") from exc
 
 
 def _checked_store_id(path: Path, text: str) -> str:

@@ -307,7 +307,10 @@ async def test_each_store_honours_only_its_own_dead_letters(
 ) -> None:
     """A second store on the same topic whose keystore is behind dead-letters
     what it cannot open; the store that can still applies it, live and on a
-    rebuild, and the two agree on everything else."""
+    rebuild. Each store's letters are its own: two decisions on one position
+    are two letters, and a replay leaves another store's letters alone."""
+    from consumers.dlq import replay_dead_letters
+
     keystore.primary("acme")
     stale_settings = topics.model_copy(update={"data_dir": tmp_path / "stale"})
     shutil.copytree(
@@ -316,23 +319,56 @@ async def test_each_store_honours_only_its_own_dead_letters(
     keystore.rotate("acme")  # only the first store's keystore has v2
     async with MemoryProducer(topics, keystore) as producer:
         await producer.write("acme", "doc", "sealed under v2")
+    raw = AIOKafkaProducer(bootstrap_servers=topics.kafka_bootstrap)
+    await raw.start()
+    try:
+        await raw.send_and_wait(topics.memory_topic, key=b"acme/junk", value=b"junk")
+    finally:
+        await raw.stop()
 
     stale = await Worker(
         stale_settings, group=f"{topics.topic_prefix}.stale", until_caught_up=True
     ).run()
-    assert stale.dead_letters == 1
-    [letter] = await read_dead_letters(topics)
-    assert letter.store == (stale_settings.data_dir / "store-id").read_text().strip()
-
+    assert stale.dead_letters == 2
     live = await Worker(topics, until_caught_up=True).run()
-    assert (live.events_applied, live.dead_letters) == (1, 0)
+    assert (live.events_applied, live.dead_letters) == (1, 1)
     reader = Reader(StorePaths(topics.data_dir).l2_db, keystore)
     assert reader.get("acme", "doc").payload == b"sealed under v2"
     reader.close()
+
+    ours = (topics.data_dir / "store-id").read_text().strip()
+    theirs = (stale_settings.data_dir / "store-id").read_text().strip()
+    letters = await read_dead_letters(topics)
+    assert sorted((d.source_key, d.store) for d in letters) == sorted(
+        [(b"acme/doc", theirs), (b"acme/junk", theirs), (b"acme/junk", ours)]
+    )
+    assert all(d.dlq_key.endswith(f"/{d.store}".encode()) for d in letters)
+    replay = await replay_dead_letters(topics, keystore, store=ours)
+    assert (replay["count"], replay["other_stores"], replay["replayed"]) == (1, 2, 0)
+
     fresh = topics.model_copy(update={"data_dir": tmp_path / "rebuilt"})
     rebuilt = await rebuild(topics, fresh, show_progress=False)
-    assert rebuilt["poison_skipped"] == 0
+    assert rebuilt["poison_skipped"] == 1
     assert rebuilt["projections"] == digests(StorePaths(topics.data_dir))
+
+
+async def test_a_lost_store_id_is_restored_and_a_foreign_one_refused(
+    topics: Settings,
+) -> None:
+    """The identity is kept with L2 too: a deleted file comes back as it was
+    (a new one would disown the store's dead letters), and a file naming
+    another store is refused."""
+    from strata.errors import StoreError
+
+    await Worker(topics, until_caught_up=True).run()
+    id_file = topics.data_dir / "store-id"
+    before = id_file.read_text()
+    id_file.unlink()
+    await Worker(topics, until_caught_up=True).run()
+    assert id_file.read_text() == before
+    id_file.write_text("0" * 32 + "\n")
+    with pytest.raises(StoreError, match=f"was built by store {before.strip()}"):
+        await Worker(topics, until_caught_up=True).run()
 
 
 async def test_a_worker_with_no_tenant_keys_stops_instead_of_dead_lettering(

@@ -37,13 +37,21 @@ def dlq_replay_cmd(as_json: JsonOpt = False) -> None:
 
     cfg = store_settings()  # letters are judged with this data dir's keys
     keystore = open_keystore(cfg)
-    result = run(replay_dead_letters(cfg, keystore))
+    from strata.paths import StorePaths, existing_store_id
+
+    store = existing_store_id(StorePaths(cfg.data_dir))
+    result = run(replay_dead_letters(cfg, keystore, store=store))
     emit(
         as_json,
         result,
         lambda: print(
             f"replayed {result['replayed']} of {result['count']} dead letters; "
             f"{result['still_failing']} still fail"
+            + (
+                f"; {result['other_stores']} of other stores left to them"
+                if result["other_stores"]
+                else ""
+            )
             + "".join(
                 f"\n  {e['source']['topic']}[{e['source']['partition']}]"
                 f"@{e['source']['offset']}: {e['error_class']}: {e['error_message']}"
