@@ -4,15 +4,17 @@ Each dead letter carries the original value byte for byte, with the original
 headers and these added: source topic, partition, offset and message key,
 error class and message, and the time it was dead-lettered (UTC ms).
 
-The topic is compacted and keyed by source position and the deciding store
-(``topic/partition/offset/store``, see :func:`strata.paths.store_id`): sending the same poison twice (a worker that died before its
-checkpoint) keeps one letter, and `strata dlq replay` resolves a letter by
-writing a tombstone for its key once the event is back on the memory topic.
-Tombstones are kept (``delete.retention.ms`` is a thousand years), so the topic's
-keys name every position ever dead-lettered, replayed or not: a worker skips
-those positions whenever it reads them again, so a rebuild decides as the
-live worker did even once the cause (a key the worker did not have yet) is
-gone, and a replayed event applies once, where its copy lies.
+The topic is compacted and keyed by source position and the store that
+decided (``topic/partition/offset/store``, see :func:`strata.paths.store_id`):
+sending the same poison twice (a worker that died before its checkpoint)
+keeps one letter, one store's decision never erases another's, and `strata
+dlq replay` resolves a letter by writing a tombstone for its key once the
+event is back on the memory topic. Tombstones are kept (``delete.retention.ms``
+is a thousand years), so the keys name every position each store ever
+dead-lettered, replayed or not: its workers skip those positions whenever
+they read them again, so a rebuild decides as the live worker did even once
+the cause (a key the worker did not have yet) is gone, and a replayed event
+applies once, where its copy lies.
 """
 
 from __future__ import annotations
@@ -45,15 +47,13 @@ H_ERROR_CLASS = "strata.error.class"
 H_ERROR_MESSAGE = "strata.error.message"
 H_TIME = "strata.dlq.time_ms"
 H_REPLAYED_FROM = "strata.replayed.from"
-#: The store (see :func:`strata.paths.store_id`) whose worker dead-lettered it.
-H_STORE = "strata.store"
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One unresolved message on the dead-letter topic."""
 
-    #: Its key on the compacted dead-letter topic (its source position).
+    #: Its key on the compacted dead-letter topic (see :func:`position_key`).
     dlq_key: bytes
     dlq_offset: int
     source_topic: str
@@ -65,7 +65,7 @@ class DeadLetter:
     source_key: bytes | None
     #: The source message's value; None for a tombstone.
     value: bytes | None
-    #: The store whose worker dead-lettered it; None for letters without one.
+    #: The store whose worker dead-lettered it; None for a key that names none.
     store: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +95,23 @@ def position_key(topic: str, partition: int, offset: int, store: str) -> bytes:
     return f"{topic}/{partition}/{offset}/{store}".encode()
 
 
+def parse_position_key(key: bytes, topic: str) -> tuple[int, int, str | None] | None:
+    """(partition, offset, store) of a dead-letter key of ``topic``; the store
+    is None for a key that names none. None if it is no such key.
+
+    Topic names cannot hold ``/``, so the parts split unambiguously.
+    """
+    prefix = f"{topic}/".encode()
+    if not key.startswith(prefix):
+        return None
+    parts = key[len(prefix) :].decode(errors="replace").split("/", 2)
+    try:
+        partition, offset = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return None
+    return partition, offset, parts[2] if len(parts) == 3 else None
+
+
 def dead_letter_headers(
     topic: str,
     partition: int,
@@ -102,13 +119,10 @@ def dead_letter_headers(
     key: bytes | None,
     error: BaseException,
     *,
-    store: str,
     null_value: bool = False,
 ) -> list[tuple[str, bytes]]:
-    """The headers that say why and where a message was dead-lettered, and
-    by which store's worker."""
+    """The headers that say why and where a message was dead-lettered."""
     headers = [
-        (H_STORE, store.encode()),
         (H_TOPIC, topic.encode()),
         (H_PARTITION, str(partition).encode()),
         (H_OFFSET, str(offset).encode()),
@@ -138,7 +152,7 @@ async def send_dead_letter(
 ) -> None:
     """Publish one dead letter and wait for the broker to acknowledge it."""
     extra = dead_letter_headers(
-        topic, partition, offset, key, error, store=store, null_value=value is None
+        topic, partition, offset, key, error, null_value=value is None
     )
     kept = [h for h in headers if not h[0].startswith("strata.")]
     await producer.send_and_wait(
@@ -148,6 +162,11 @@ async def send_dead_letter(
         key=position_key(topic, partition, offset, store),
         headers=kept + extra,
     )
+
+
+def _store_of(key: bytes | None, topic: str) -> str | None:
+    where = parse_position_key(key, topic) if key else None
+    return where[2] if where else None
 
 
 def _parse(msg: ConsumerRecord) -> DeadLetter:
@@ -182,7 +201,7 @@ def _parse(msg: ConsumerRecord) -> DeadLetter:
         time_ms=number(H_TIME, 0),
         source_key=h.get(H_KEY),
         value=None if H_NULL_VALUE in h else msg.value,
-        store=text(H_STORE, "") or None,
+        store=_store_of(msg.key, text(H_TOPIC, "")),
     )
     if unreadable:
         # Said with the letter, wherever it is shown, rather than logged.
@@ -224,28 +243,16 @@ async def dead_lettered_positions(
     Raises:
         BrokerError: the broker cannot be reached.
     """
-    prefix = f"{settings.memory_topic}/".encode()
-    ours = store.encode()
     positions: set[tuple[int, int]] = set()
     try:
         async for msg in _messages(settings, timeout_s):
-            key = msg.key
-            if key is None or not key.startswith(prefix):
-                continue
-            # topic/partition/offset/store; letters from before stores were
-            # named have no store part, and count for every store.
-            parts = key[len(prefix) :].split(b"/", 2)
-            if len(parts) == 3 and parts[2] != ours:
-                continue  # another store's decision: this one decides anew
-            try:
-                positions.add((int(parts[0]), int(parts[1])))
-            except (ValueError, IndexError):
-                log.warning(
-                    "dlq.key_not_a_position",
-                    dlq_topic=settings.dlq_topic,
-                    dlq_offset=msg.offset,
-                    key=key[:200].decode(errors="replace"),
-                )
+            where = (
+                parse_position_key(msg.key, settings.memory_topic) if msg.key else None
+            )
+            # Keys from before stores were named count for every store; another
+            # store's decision does not bind this one, which decides anew.
+            if where is not None and where[2] in (None, store):
+                positions.add(where[:2])
     except UsageError:
         return set()
     return positions
@@ -329,9 +336,8 @@ async def replay_dead_letters(
                 headers=[(H_REPLAYED_FROM, origin)],
             )
             # The tombstone keeps the letter's store: compaction keeps only it.
-            by = [(H_STORE, letter.store.encode())] if letter.store else []
             await producer.send_and_wait(
-                settings.dlq_topic, key=letter.dlq_key, value=None, headers=by
+                settings.dlq_topic, key=letter.dlq_key, value=None
             )
             replayed.append(
                 {**where, "new_partition": meta.partition, "new_offset": meta.offset}

@@ -34,6 +34,7 @@ from schemas.events import (
     TenantErased,
 )
 from strata.errors import ConfigError, StoreError
+from strata.paths import StorePaths, existing_store_id
 
 log = structlog.get_logger(__name__)
 
@@ -239,6 +240,28 @@ def connect(
     )
 
 
+def _recorded(db: sqlite3.Connection, name: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return str(row[0]) if row else None
+
+
+def known_store_id(paths: StorePaths) -> str | None:
+    """A data dir's store id without making one: its ``store-id`` file, else
+    the one its L2 recorded (the file may have been lost), else None.
+
+    Raises:
+        StoreError: the file is damaged, or L2 cannot be read.
+    """
+    found = existing_store_id(paths)
+    if found is not None:
+        return found
+    l2 = L2Reader(paths.l2_db)
+    try:
+        return l2.recorded_store()
+    finally:
+        l2.close()
+
+
 class L2Projection:
     """Projects events into the SQLite warm tier, exactly once per offset."""
 
@@ -326,10 +349,7 @@ class L2Projection:
 
     def recorded_store(self) -> str | None:
         """The store id recorded with this projection, if one was."""
-        row = self._conn.execute(
-            "SELECT value FROM meta WHERE name = 'store'"
-        ).fetchone()
-        return str(row[0]) if row else None
+        return _recorded(self._conn, "store")
 
     def bind_store(self, store: str) -> None:
         """Record the data dir's store id, or check it is the one recorded.
@@ -901,12 +921,12 @@ class L2Reader:
     def recorded_cluster(self) -> str:
         """The Kafka cluster id the store recorded, or "" if none."""
         db = self._db()
-        row = (
-            db.execute("SELECT value FROM meta WHERE name = 'cluster'").fetchone()
-            if db
-            else None
-        )
-        return str(row[0]) if row else ""
+        return (_recorded(db, "cluster") if db else None) or ""
+
+    def recorded_store(self) -> str | None:
+        """The store id the projection recorded (see :meth:`L2Projection.bind_store`)."""
+        db = self._db()
+        return _recorded(db, "store") if db else None
 
     def is_erased(self, tenant: str) -> bool:
         """Whether a TenantErased event for this tenant was projected."""

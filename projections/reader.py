@@ -333,31 +333,23 @@ class Reader:
 
     def _find_as_of(self, tenant: str, key: str, as_of: int) -> StoredRecord:
         found = self.l2.get_as_of(tenant, key, as_of)
-        rows = self.l2.history(tenant, key)[:1] if found is None else []
-        partition = (
-            found.partition
-            if found is not None
-            else (rows[0].partition if rows else None)
-        )
-        if partition is not None:
-            projected = self.l2.checkpoint(partition)
-            if projected <= as_of:
-                # What the key held then is not known yet: say so, rather
-                # than give the latest value or "not found".
-                raise NotProjectedError(
-                    f"{tenant}/{key}: offset {as_of} of partition {partition} is "
-                    f"not projected yet (projected below {projected}; is a "
-                    "worker running?)"
-                )
+        rows = self.l2.history(tenant, key) if found is None else []
+        partition = found.partition if found else rows[0].partition if rows else None
+        # What the key held then is not known until its partition is
+        # projected past the offset: say so, rather than give the latest value
+        # or "not found". A key never projected has no known partition, so
+        # only an offset no partition has reached is known to be unprojected.
+        if partition is None:
+            projected = max(self.l2.checkpoints().values(), default=0)
+            unknown = f"offset {as_of} is not projected yet in any partition"
         else:
-            # A key never projected: its partition is unknown here, but an
-            # offset no partition has reached is not known to be "not found".
-            reached = max(self.l2.checkpoints().values(), default=0)
-            if reached <= as_of:
-                raise NotProjectedError(
-                    f"{tenant}/{key}: offset {as_of} is not projected yet in any "
-                    f"partition (all are below {reached}; is a worker running?)"
-                )
+            projected = self.l2.checkpoint(partition)
+            unknown = f"offset {as_of} of partition {partition} is not projected yet"
+        if projected <= as_of:
+            raise NotProjectedError(
+                f"{tenant}/{key}: {unknown} (projected below {projected}; is a "
+                "worker running?)"
+            )
         if found is None or found.deleted:
             self._raise_missing(tenant, key, deleted=found is not None, as_of=as_of)
         assert found is not None

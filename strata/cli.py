@@ -25,7 +25,7 @@ from strata.commands._common import run as _run
 from strata.commands._common import say as _say
 from strata.commands._common import settings as _settings
 from strata.config import Settings
-from strata.errors import BrokerError, StrataError, UsageError
+from strata.errors import BrokerError, OutputError, StrataError, UsageError
 from strata.logging import configure_logging
 from strata.validation import check_text
 
@@ -314,13 +314,10 @@ def _check_names(tenant: str, key: str | None = None) -> None:
 def _reader(settings: Settings) -> Any:
     from projections.reader import Reader
     from strata.keystore import open_keystore
-    from strata.paths import StorePaths
+    from strata.paths import StorePaths, require_data_dir
 
-    if not settings.data_dir.is_dir():
-        # Not "not found": the records may well exist, in the data dir meant.
-        raise UsageError(
-            f"data dir {settings.data_dir} does not exist: check STRATA_DATA_DIR"
-        )
+    # Not "not found": the records may well exist, in the data dir meant.
+    require_data_dir(settings.data_dir)
     reader = Reader.from_paths(StorePaths(settings.data_dir), open_keystore(settings))
     reader.l2.check_topic(settings.memory_topic)
     return reader
@@ -681,12 +678,6 @@ class _Terminated(KeyboardInterrupt):
 def _on_sigterm(_signum: int, _frame: object) -> None:
     _Terminated.received = True
     raise _Terminated
-
-
-class OutputError(StrataError):
-    """Standard output cannot be written: a closed pipe, a full disk."""
-
-    exit_code = 1
 
 
 class _GuardedStdout(io.RawIOBase):

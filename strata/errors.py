@@ -17,7 +17,8 @@ The tree::
     ├── NotProjectedError      a token was not projected in time (retriable)
     ├── NotFoundError          no such tenant or key
     ├── ErasedError            the tenant was erased
-    └── CheckFailedError            a verification found a problem (exit 1)
+    ├── CheckFailedError            a verification found a problem (exit 1)
+    └── OutputError            standard output cannot be written (exit 1)
 
 ``retriable`` tells a caller whether trying the same thing again may work;
 the worker reads it to decide between backing off and dead-lettering.
@@ -104,5 +105,11 @@ class ErasedError(StrataError):
 
 class CheckFailedError(StrataError):
     """A verification ran and found a problem."""
+
+    exit_code = 1
+
+
+class OutputError(StrataError):
+    """Standard output cannot be written: a closed pipe, a full disk."""
 
     exit_code = 1

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata.errors import StoreError
+from strata.errors import StoreError, UsageError
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,18 @@ class StorePaths:
     def store_id_file(self) -> Path:
         """The store's identity (see :func:`store_id`)."""
         return self.root / "store-id"
+
+
+def require_data_dir(root: Path) -> None:
+    """Refuse a data dir that is not there, for a command that works on an
+    existing store: the records (and their keys) may be in the one meant,
+    and a store or keystore of its own must not be started in its place.
+
+    Raises:
+        UsageError: ``root`` does not exist.
+    """
+    if not root.is_dir():
+        raise UsageError(f"data dir {root} does not exist: check STRATA_DATA_DIR")
 
 
 def store_id(paths: StorePaths, *, adopt: str | None = None) -> str:

@@ -13,9 +13,9 @@ from projections.l2 import L2Reader, source_mismatch
 from projections.l3 import L3Reader
 from projections.ledger import LedgerProjection
 from strata.config import Settings
-from strata.errors import ConfigError, UsageError
+from strata.errors import ConfigError
 from strata.kafka import cluster_id, end_offsets, missing_topic
-from strata.paths import StorePaths
+from strata.paths import StorePaths, require_data_dir
 
 log = structlog.get_logger(__name__)
 
@@ -32,9 +32,8 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     if not any(tp.topic == settings.memory_topic for tp in ends):
         # An empty table with no lag would read as "all caught up".
         raise missing_topic(settings, settings.memory_topic)
-    if not paths.root.is_dir():
-        # Every partition would show as lagging from offset 0.
-        raise UsageError(f"data dir {paths.root} does not exist: check STRATA_DATA_DIR")
+    # Every partition would show as lagging from offset 0.
+    require_data_dir(paths.root)
     # Lag against another topic's offsets would read as "caught up".
     l2_ckpts = await check_store_source(
         settings,

@@ -384,3 +384,18 @@ async def test_a_worker_with_no_tenant_keys_stops_instead_of_dead_lettering(
     with pytest.raises(ConfigError, match="not the data dir the writers use"):
         await Worker(elsewhere, until_caught_up=True).run()
     assert await read_dead_letters(topics) == []
+
+
+async def test_a_rebuild_copies_the_store_id_and_makes_none_in_its_source(
+    topics: Settings, tmp_path: Path
+) -> None:
+    """The copy takes its source's id, from L2 when the file was lost, and
+    the source is read, never given an id of the rebuild's making."""
+    await Worker(topics, until_caught_up=True).run()
+    id_file = topics.data_dir / "store-id"
+    recorded = id_file.read_text()
+    id_file.unlink()
+    fresh = topics.model_copy(update={"data_dir": tmp_path / "rebuilt"})
+    await rebuild(topics, fresh, show_progress=False)
+    assert (fresh.data_dir / "store-id").read_text() == recorded
+    assert not id_file.exists()

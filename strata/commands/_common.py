@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 from strata.config import Settings, load_settings
-from strata.errors import UsageError
+from strata.paths import require_data_dir
 
 T = TypeVar("T")
 
@@ -37,17 +37,12 @@ def settings(**overrides: Any) -> Settings:
 def store_settings(**overrides: Any) -> Settings:
     """:func:`settings`, for a command that works on an existing data dir.
 
-    A command pointed at a folder that is not there must not start a store
-    (or a keystore) of its own in it: the data dir meant is elsewhere.
-
     Raises:
-        UsageError: the data dir does not exist.
+        UsageError: the data dir does not exist (see
+            :func:`strata.paths.require_data_dir`).
     """
     loaded = settings(**overrides)
-    if not loaded.data_dir.is_dir():
-        raise UsageError(
-            f"data dir {loaded.data_dir} does not exist: check STRATA_DATA_DIR"
-        )
+    require_data_dir(loaded.data_dir)
     return loaded
 
 

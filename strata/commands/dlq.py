@@ -37,9 +37,10 @@ def dlq_replay_cmd(as_json: JsonOpt = False) -> None:
 
     cfg = store_settings()  # letters are judged with this data dir's keys
     keystore = open_keystore(cfg)
-    from strata.paths import StorePaths, existing_store_id
+    from projections.l2 import known_store_id
+    from strata.paths import StorePaths
 
-    store = existing_store_id(StorePaths(cfg.data_dir))
+    store = known_store_id(StorePaths(cfg.data_dir))
     result = run(replay_dead_letters(cfg, keystore, store=store))
     emit(
         as_json,

@@ -78,8 +78,6 @@ def ledger_verify_cmd(as_json: JsonOpt = False) -> None:
     from projections.ledger import verify_ledger
 
     paths = _paths()
-    if not paths.root.is_dir():
-        raise UsageError(f"data dir {paths.root} does not exist")
     report = verify_ledger(paths.ledger)
     report.findings.extend(_missing_partitions(paths, report))
     emit(as_json, report.to_dict(), lambda: _print_report(report))

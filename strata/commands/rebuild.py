@@ -67,13 +67,17 @@ async def rebuild(
     Poison events are not dead-lettered again: the live worker already did.
     """
     from consumers.worker import Worker
+    from projections.l2 import known_store_id
     from projections.registry import digests
     from strata.kafka import end_offsets
     from strata.keystore import open_keystore
 
     keystore = open_keystore(source)
-    # A copy of the source's store: it honours the same dead-letter decisions.
-    store_id(StorePaths(target.data_dir), adopt=store_id(StorePaths(source.data_dir)))
+    # A copy of the source's store honours the same dead-letter decisions.
+    # Nothing is made in the source: a source with no id yet has made none.
+    source_store = known_store_id(StorePaths(source.data_dir))
+    if source_store is not None:
+        store_id(StorePaths(target.data_dir), adopt=source_store)
     ends = await end_offsets(source, [source.memory_topic])
     total = sum(ends.values())
     worker = Worker(
